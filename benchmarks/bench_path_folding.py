@@ -1,0 +1,155 @@
+"""Speed and memory of `path_folding`, as ratios against baselines run in the same process.
+
+Run: python benchmarks/bench_path_folding.py [--quick]
+
+- overhead: path_folding time / a plain batched forward over the same points (same batch size), no capture;
+- speed-up over the published approach (one batched forward per path) and over one forward per point;
+- peak memory of 2048 steps against 64 steps (each in a fresh subprocess, resident-set growth during the call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from lightning_spacefold import find_layers, fold_measure, path_folding
+from lightning_spacefold.capture import capture_activations, evaluation_mode
+from lightning_spacefold.folding import default_batch_size, segment_points
+
+
+def mlp() -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = 784
+    for _ in range(4):
+        layers += [nn.Linear(width, 256), nn.ReLU()]
+        width = 256
+    return nn.Sequential(*layers, nn.Linear(256, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def best_time(function, repeats: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - begin)
+    return min(times)
+
+
+def plain_forward(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, steps: int) -> None:
+    """The floor: the same points through the model in the same batches, nothing captured."""
+    points = segment_points(starts, ends, torch.arange(steps + 1, dtype=torch.float64) / steps)
+    batch_size = default_batch_size(find_layers(model, starts[:1]), starts)
+    with evaluation_mode(model):
+        for begin in range(0, len(points), batch_size):
+            model(points[begin : begin + batch_size])
+
+
+def per_path_loop(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, steps: int) -> torch.Tensor:
+    """The published approach: one batched forward per path, patterns kept, then the measure."""
+    t = torch.arange(steps + 1, dtype=torch.float64) / steps
+    chis = []
+    with evaluation_mode(model), capture_activations(model, lambda _position, z, _rule: z > 0) as capture:
+        for start, end in zip(starts, ends, strict=True):
+            capture.reset()
+            model(segment_points(start[None], end[None], t))
+            chis.append(fold_measure(torch.cat([bits.flatten(1) for bits in capture.values], dim=1)))
+    return torch.stack(chis)
+
+
+def per_point_loop(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, steps: int) -> torch.Tensor:
+    """The naive approach: one forward per point."""
+    t = torch.arange(steps + 1, dtype=torch.float64) / steps
+    chis = []
+    with evaluation_mode(model), capture_activations(model, lambda _position, z, _rule: z > 0) as capture:
+        for start, end in zip(starts, ends, strict=True):
+            patterns = []
+            for t_i in t:
+                capture.reset()
+                model(segment_points(start[None], end[None], t_i[None]))
+                patterns.append(torch.cat([bits.flatten(1) for bits in capture.values], dim=1))
+            chis.append(fold_measure(torch.cat(patterns)))
+    return torch.stack(chis)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def peak_memory_child(steps: int) -> None:
+    """Run in a fresh subprocess: print the peak resident-set growth during one path_folding call (KiB)."""
+    torch.manual_seed(0)
+    model = mlp()
+    starts, ends = torch.rand(64, 1, 28, 28), torch.rand(64, 1, 28, 28)
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the high-water mark VmHWM to the current resident set
+    path_folding(model, starts, ends, steps=steps)
+    print(json.dumps({"steps": steps, "growth_kib": _status_kib("VmHWM") - before}))
+
+
+def peak_memory(steps: int) -> dict:
+    command = [sys.executable, __file__, "--memory-child", str(steps)]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def compare(name: str, model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, steps: int, repeats: int) -> None:
+    floor = best_time(lambda: plain_forward(model, starts, ends, steps), repeats)
+    ours = best_time(lambda: path_folding(model, starts, ends, steps=steps), repeats)
+    per_path = best_time(lambda: per_path_loop(model, starts, ends, steps), repeats)
+    print(f"{name}: path_folding / plain forward = {ours / floor:.2f}x (target <= 1.25x)")
+    print(f"{name}: speed-up over one forward per path = {per_path / ours:.1f}x (target >= 1.7x)")
+    few = slice(0, 4)  # one forward per point is slow: time 4 paths
+    ours_few = best_time(lambda: path_folding(model, starts[few], ends[few], steps=steps), repeats)
+    per_point = best_time(lambda: per_point_loop(model, starts[few], ends[few], steps), 1)
+    print(f"{name}: speed-up over one forward per point (4 paths) = {per_point / ours_few:.0f}x (target >= 30x)")
+    reference = per_path_loop(model, starts, ends, steps)
+    assert torch.equal(path_folding(model, starts, ends, steps=steps).chi, reference), "results differ"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and pairs (a smoke run)")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child is not None:
+        peak_memory_child(args.memory_child)
+        return
+    torch.manual_seed(0)
+    repeats = 2 if args.quick else 5
+    pairs, steps = (16, 64) if args.quick else (64, 64)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {pairs} pairs x {steps} steps")
+    for name, model in (("MLP 784-256x4-10", mlp()), ("CNN 1x28x28", cnn())):
+        compare(name, model, torch.rand(pairs, 1, 28, 28), torch.rand(pairs, 1, 28, 28), steps, repeats)
+    small, large = peak_memory(64), peak_memory(2048)
+    ratio = max(large["growth_kib"], 1) / max(small["growth_kib"], 1)
+    print(
+        f"MLP peak memory growth: 64 steps {small['growth_kib'] / 1024:.1f} MiB, 2048 steps "
+        f"{large['growth_kib'] / 1024:.1f} MiB, ratio {ratio:.2f}x (target <= 1.5x)"
+    )
+
+
+if __name__ == "__main__":
+    main()

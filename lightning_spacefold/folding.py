@@ -1,0 +1,249 @@
+"""Folding of a network along straight segments: :func:`path_folding`.
+
+Every point of every path goes through the model in large batches. Memory does not grow with the number of
+steps: each path is streamed in chunks of consecutive points, and per path and layer only the packed start
+pattern, the packed previous pattern and the running range and length are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_spacefold.capture import (
+    ActivationRule,
+    LayerInfo,
+    capture_activations,
+    check_batch_first,
+    evaluation_mode,
+    find_layers,
+)
+from lightning_spacefold.measure import folding_from_ranges, pack_bits, step_distances, unpack_bits
+from lightning_spacefold.result import FoldingResult
+
+__all__ = ["default_batch_size", "path_folding", "segment_points"]
+
+MIN_BATCH_SIZE = 64
+MAX_BATCH_SIZE = 8192
+
+
+def segment_points(starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
+    """Points ``(1 - t) x1 + t x2`` of each segment at the parameters ``t``, exact at both ends.
+
+    Args:
+        starts: ``[G, *shape]``.
+        ends: ``[G, *shape]``.
+        t: ``[K]`` parameters in ``[0, 1]``.
+
+    Returns:
+        ``[G * K, *shape]`` in the inputs' dtype; interpolated in at least float32.
+    """
+    compute_dtype = torch.promote_types(starts.dtype, torch.float32)
+    weights = t.to(compute_dtype).view(1, -1, *([1] * (starts.ndim - 1)))
+    points = torch.lerp(starts.to(compute_dtype).unsqueeze(1), ends.to(compute_dtype).unsqueeze(1), weights)
+    return points.flatten(0, 1).to(starts.dtype)
+
+
+class _Walk:
+    """Running range and length of a group of paths, per layer, fed one chunk of consecutive points at a time.
+
+    Bits are reduced to distances inside the activation hook, so no layer's bits outlive its call; between chunks
+    only the packed start and previous patterns of each path and layer are kept.
+    """
+
+    def __init__(self, names: list[str], num_paths: int, device: torch.device) -> None:
+        self.names = names
+        self.num_paths = num_paths
+        self.chunk_points = 0
+        self.layer_r1 = torch.zeros(num_paths, len(names), dtype=torch.int64, device=device)
+        self.layer_r2 = torch.zeros_like(self.layer_r1)
+        self.r1 = torch.zeros(num_paths, dtype=torch.int64, device=device)
+        self.start: list[Tensor | None] = [None] * len(names)
+        self.previous: list[Tensor | None] = [None] * len(names)
+        self.from_start: Tensor | int = 0
+
+    def add_layer(self, position: int, pre_activation: Tensor, rule: ActivationRule) -> None:
+        check_batch_first(self.names[position], pre_activation, self.num_paths * self.chunk_points)
+        bits = rule.bits(pre_activation).reshape(self.num_paths, self.chunk_points, -1)
+        num_units = bits.shape[-1]
+        stored_start, stored_previous = self.start[position], self.previous[position]
+        start = bits[:, 0] if stored_start is None else unpack_bits(stored_start, num_units)
+        previous = None if stored_previous is None else unpack_bits(stored_previous, num_units)
+        from_start, from_previous = step_distances(bits, start, previous)
+        if stored_start is None:
+            self.start[position] = pack_bits(start)
+        self.previous[position] = pack_bits(bits[:, -1])
+        self.layer_r1[:, position] = torch.maximum(self.layer_r1[:, position], from_start.amax(-1))
+        self.layer_r2[:, position] += from_previous.sum(-1)
+        self.from_start = self.from_start + from_start
+
+    def end_chunk(self) -> Tensor:
+        """Close the chunk: update the whole-network range; return its distances from the start ``[G, K]``."""
+        from_start, self.from_start = self.from_start, 0
+        self.r1 = torch.maximum(self.r1, from_start.amax(-1))
+        return from_start
+
+
+def default_batch_size(layers: list[LayerInfo], inputs: Tensor) -> int:
+    """Points per forward pass such that the largest activation of a batch stays within a cache-friendly budget.
+
+    The budget is 16 MiB on CPU (large convolution batches run slower there) and 512 MiB on accelerators; the
+    result lies between 64 and 8192 points.
+
+    Args:
+        layers: The model's activation layers (:func:`~lightning_spacefold.find_layers`).
+        inputs: Example inputs ``[B, *input_shape]`` on the device and in the dtype of the measurement.
+
+    Returns:
+        The number of points per forward pass.
+    """
+    per_point = max([inputs[0].numel(), *(layer.num_units for layer in layers)]) * inputs.element_size()
+    budget = (16 if inputs.device.type == "cpu" else 512) * 2**20
+    return int(min(MAX_BATCH_SIZE, max(MIN_BATCH_SIZE, budget // per_point)))
+
+
+def path_folding(
+    model: nn.Module,
+    starts: Tensor,
+    ends: Tensor,
+    *,
+    steps: int = 64,
+    layers: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    return_distances: bool = False,
+) -> FoldingResult:
+    """Measure how the network folds each segment from ``starts[p]`` to ``ends[p]``.
+
+    The segment is sampled at ``t_i = i / steps`` (both ends included); each point's activation pattern is the
+    concatenation of the selected layers' bits; ``chi = 1 - r1 / r2`` (specification, section 2). The model runs in
+    eval mode without gradients; every module's training flag is restored and every hook removed afterwards,
+    also when the forward raises. Call it under ``torch.autocast`` to measure the mixed-precision network.
+
+    Args:
+        model: The network; it must take a batch ``[B, *input_shape]``.
+        starts: Start of each path, ``[P, *input_shape]``, floating point.
+        ends: End of each path, same shape, dtype and device as ``starts``.
+        steps: Number of segments per path; ``steps + 1`` points are evaluated.
+        layers: Names of the layers to measure (see :func:`~lightning_spacefold.find_layers`); ``None`` for all.
+        batch_size: Points per forward pass; by default chosen from the model's largest activation (see
+            :func:`default_batch_size`). Memory grows with it, not with ``steps``.
+        return_distances: Also return the Hamming distance from the start at every point, ``[P, steps + 1]``.
+
+    Returns:
+        A :class:`FoldingResult` on the inputs' device.
+
+    Raises:
+        TypeError: If the model or the inputs have the wrong type.
+        ValueError: For inputs of different shapes, empty, non-finite, ``steps < 1``, ``batch_size < 1``, a model
+            with no supported activation, or an unknown layer name.
+    """
+    _check_arguments(model, starts, ends, steps, batch_size)
+    found = find_layers(model, starts[:1])
+    selected = _select_layers(model, [layer.name for layer in found], layers)
+    names = [found[index].name for index in selected]
+    batch_size = default_batch_size(found, starts) if batch_size is None else batch_size
+
+    num_paths, num_points = len(starts), steps + 1
+    group_size = _balanced(num_paths, max(1, batch_size // min(num_points, batch_size)))
+    chunk_size = _balanced(num_points, max(1, batch_size // group_size))
+    t = torch.arange(num_points, dtype=torch.float64, device=starts.device) / steps
+    walks, distances = [], []
+    with evaluation_mode(model):
+        for first in range(0, num_paths, group_size):
+            group = slice(first, first + group_size)
+            walk = _Walk(names, len(starts[group]), starts.device)
+            with capture_activations(model, walk.add_layer, frozenset(selected)) as capture:
+                for begin in range(0, num_points, chunk_size):
+                    chunk_t = t[begin : begin + chunk_size]
+                    walk.chunk_points = len(chunk_t)
+                    capture.reset()
+                    model(segment_points(starts[group], ends[group], chunk_t))
+                    if len(capture.base_names) != len(found):
+                        raise ValueError(
+                            f"The model ran {len(found)} activation layers on one batch and {len(capture.base_names)} "
+                            "on another; folding needs the same layers for every input (no data-dependent control "
+                            "flow)."
+                        )
+                    chunk_distances = walk.end_chunk()
+                    if return_distances:
+                        distances.append(chunk_distances)
+            walks.append(walk)
+
+    layer_r1 = torch.cat([walk.layer_r1 for walk in walks])
+    layer_r2 = torch.cat([walk.layer_r2 for walk in walks])
+    r1 = torch.cat([walk.r1 for walk in walks])
+    r2 = layer_r2.sum(-1)
+    return FoldingResult(
+        chi=folding_from_ranges(r1, r2),
+        r1=r1,
+        r2=r2,
+        layer_chi=folding_from_ranges(layer_r1, layer_r2),
+        layer_r1=layer_r1,
+        layer_r2=layer_r2,
+        layer_names=names,
+        steps=steps,
+        distances=_stitch(distances, num_paths, group_size) if return_distances else None,
+    )
+
+
+def _balanced(total: int, most: int) -> int:
+    """Largest part size when ``total`` is cut into as few parts of at most ``most`` as possible, evenly."""
+    return math.ceil(total / math.ceil(total / most))
+
+
+def _stitch(chunks: list[Tensor], num_paths: int, group_size: int) -> Tensor:
+    """Join ``[G, K]`` chunk distances, stored group after group, into ``[P, steps + 1]``."""
+    num_groups = math.ceil(num_paths / group_size)
+    per_group = len(chunks) // num_groups
+    return torch.cat([torch.cat(chunks[g * per_group : (g + 1) * per_group], dim=1) for g in range(num_groups)])
+
+
+def _check_arguments(model: nn.Module, starts: Tensor, ends: Tensor, steps: int, batch_size: int | None) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    for name, value in (("starts", starts), ("ends", ends)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor of shape [P, *input_shape], got {type(value).__name__}.")
+        if not value.is_floating_point():
+            raise TypeError(f"`{name}` must be floating point (segments are interpolated), got {value.dtype}.")
+    if starts.shape != ends.shape or starts.dtype != ends.dtype or starts.device != ends.device:
+        raise ValueError(
+            "`starts` and `ends` must have the same shape, dtype and device, got "
+            f"{tuple(starts.shape)} {starts.dtype} {starts.device} and {tuple(ends.shape)} {ends.dtype} {ends.device}."
+        )
+    if starts.ndim < 1 or len(starts) == 0:
+        raise ValueError(
+            f"`starts` and `ends` must hold at least one path ([P, *input_shape], P >= 1), got {tuple(starts.shape)}."
+        )
+    if not (bool(torch.isfinite(starts).all()) and bool(torch.isfinite(ends).all())):
+        raise ValueError(
+            "`starts` and `ends` must be finite; found NaN or infinity. Clean the inputs before measuring."
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be an integer >= 1 (segments per path), got {steps!r}.")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"`batch_size` must be None or an integer >= 1 (points per forward pass), got {batch_size!r}.")
+
+
+def _select_layers(model: nn.Module, available: list[str], layers: Sequence[str] | None) -> list[int]:
+    if not available:
+        found = sorted({type(module).__name__ for module in model.modules()})
+        raise ValueError(
+            f"No supported activation found in the model (its modules: {', '.join(found)}). Folding is measured on "
+            "activation layers: use a supported activation (ReLU, GELU, Tanh, ...) or register a custom one with "
+            "lightning_spacefold.register_activation(MyActivation)."
+        )
+    if layers is None:
+        return list(range(len(available)))
+    if isinstance(layers, str) or not all(isinstance(name, str) for name in layers):
+        raise TypeError(f"`layers` must be a sequence of layer names, got {layers!r}.")
+    unknown = [name for name in layers if name not in available]
+    if unknown:
+        raise ValueError(f"Unknown layer name(s) {unknown}; the model's activation layers are {available}.")
+    if not layers:
+        raise ValueError(f"`layers` is empty; pick at least one of {available} or pass None for all.")
+    wanted = set(layers)
+    return [index for index, name in enumerate(available) if name in wanted]

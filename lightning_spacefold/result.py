@@ -1,0 +1,41 @@
+"""The result of measuring folding along a batch of paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = ["FoldingResult"]
+
+
+@dataclass(frozen=True)
+class FoldingResult:
+    """Folding of P paths, for the whole network and per activation layer.
+
+    Attributes:
+        chi: Folding of each path over all selected layers' bits, ``[P]``.
+        r1: Range of each path (largest Hamming distance from its start), ``[P]``.
+        r2: Length of each path (sum of Hamming distances between consecutive points), ``[P]``.
+        layer_chi: Folding of each path on each layer's bits alone, ``[P, L]``.
+        layer_r1: Range per layer, ``[P, L]``.
+        layer_r2: Length per layer, ``[P, L]``.
+        layer_names: The L layer names, in forward order.
+        steps: Number of segments each path was cut into (``steps + 1`` points); ``None`` for an exact traversal.
+        distances: Hamming distance from the start at every point, ``[P, steps + 1]``, when requested.
+        regions: Number of activation regions each path crosses, ``[P]`` (exact traversal only).
+    """
+
+    chi: Tensor
+    r1: Tensor
+    r2: Tensor
+    layer_chi: Tensor
+    layer_r1: Tensor
+    layer_r2: Tensor
+    layer_names: list[str]
+    steps: int | None
+    distances: Tensor | None = None
+    regions: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.chi)
