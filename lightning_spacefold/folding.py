@@ -198,7 +198,7 @@ def _stitch(chunks: list[Tensor], num_paths: int, group_size: int) -> Tensor:
     """Join ``[G, K]`` chunk distances, stored group after group, into ``[P, steps + 1]``."""
     num_groups = math.ceil(num_paths / group_size)
     per_group = len(chunks) // num_groups
-    return torch.cat([torch.cat(chunks[g * per_group : (g + 1) * per_group], dim=1) for g in range(num_groups)])
+    return torch.cat([torch.cat(chunks[g * per_group : (g + 1) * per_group], dim=1) for g in range(num_groups)]).long()
 
 
 def _check_arguments(model: nn.Module, starts: Tensor, ends: Tensor, steps: int, batch_size: int | None) -> None:

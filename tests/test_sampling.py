@@ -351,23 +351,3 @@ Y = torch.tensor([0, 0, 1, 1, 2, 2])
 def test_bad_arguments(call: Callable[[], object], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         call()
-
-
-# --- devices ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_results_on_inputs_device_and_match_cpu() -> None:
-    points, labels = blobs(per_blob=10)
-    for sample in (
-        lambda x, y: random_pairs(x, 20, labels=y, generator=0),
-        lambda x, y: class_pairs(x, y, 20, generator=0),
-        lambda x, y: all_pairs(x, labels=y),
-    ):
-        on_cpu, on_gpu = sample(points, labels), sample(points.cuda(), labels.cuda())
-        assert on_gpu.starts.is_cuda and on_gpu.start_labels.is_cuda
-        assert torch.equal(on_gpu.starts.cpu(), on_cpu.starts) and torch.equal(on_gpu.ends.cpu(), on_cpu.ends)
-    on_cpu, on_gpu = centroid_pairs(points, labels, 2), centroid_pairs(points.cuda(), labels.cuda(), 2)
-    assert on_gpu.starts.is_cuda and torch.allclose(on_gpu.starts.cpu(), on_cpu.starts, atol=1e-4)
-    cuda_generator = torch.Generator(device="cuda").manual_seed(0)
-    assert kmeans(points.cuda(), 3, generator=cuda_generator)[0].is_cuda
