@@ -24,7 +24,7 @@ from lightning_spacefold.capture import (
 from lightning_spacefold.measure import folding_from_ranges, pack_bits, step_distances, unpack_bits
 from lightning_spacefold.result import FoldingResult
 
-__all__ = ["default_batch_size", "path_folding", "segment_points"]
+__all__ = ["check_path_arguments", "default_batch_size", "path_folding", "segment_points", "select_layers"]
 
 MIN_BATCH_SIZE = 64
 MAX_BATCH_SIZE = 8192
@@ -140,9 +140,9 @@ def path_folding(
         ValueError: For inputs of different shapes, empty, non-finite, ``steps < 1``, ``batch_size < 1``, a model
             with no supported activation, or an unknown layer name.
     """
-    _check_arguments(model, starts, ends, steps, batch_size)
+    check_path_arguments(model, starts, ends, steps, batch_size)
     found = find_layers(model, starts[:1])
-    selected = _select_layers(model, [layer.name for layer in found], layers)
+    selected = select_layers(model, [layer.name for layer in found], layers)
     names = [found[index].name for index in selected]
     batch_size = default_batch_size(found, starts) if batch_size is None else batch_size
 
@@ -201,7 +201,8 @@ def _stitch(chunks: list[Tensor], num_paths: int, group_size: int) -> Tensor:
     return torch.cat([torch.cat(chunks[g * per_group : (g + 1) * per_group], dim=1) for g in range(num_groups)]).long()
 
 
-def _check_arguments(model: nn.Module, starts: Tensor, ends: Tensor, steps: int, batch_size: int | None) -> None:
+def check_path_arguments(model: nn.Module, starts: Tensor, ends: Tensor, steps: int, batch_size: int | None) -> None:
+    """Raise a clear TypeError/ValueError for a bad model, bad segment ends, ``steps`` or ``batch_size``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     for name, value in (("starts", starts), ("ends", ends)):
@@ -228,7 +229,21 @@ def _check_arguments(model: nn.Module, starts: Tensor, ends: Tensor, steps: int,
         raise ValueError(f"`batch_size` must be None or an integer >= 1 (points per forward pass), got {batch_size!r}.")
 
 
-def _select_layers(model: nn.Module, available: list[str], layers: Sequence[str] | None) -> list[int]:
+def select_layers(model: nn.Module, available: list[str], layers: Sequence[str] | None) -> list[int]:
+    """Indices of the requested layers among the available ones, in forward order, with clear errors.
+
+    Args:
+        model: The network (named in the error when it has no supported activation).
+        available: Names of the model's activation layers, in forward order.
+        layers: Requested names, or ``None`` for all.
+
+    Returns:
+        Indices into ``available``.
+
+    Raises:
+        TypeError: If ``layers`` is not a sequence of names.
+        ValueError: If the model has no supported activation, ``layers`` is empty or names an unknown layer.
+    """
     if not available:
         found = sorted({type(module).__name__ for module in model.modules()})
         raise ValueError(

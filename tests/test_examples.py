@@ -21,3 +21,55 @@ def test_measure_trained_mlp(capsys) -> None:
     assert 0.5 < results["accuracy"] <= 1.0
     assert 0.0 <= results["folding"] < 1.0
     assert "| whole network |" in capsys.readouterr().out
+
+
+def test_main_job_from_the_yaml_config(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = EXAMPLES / "config.yaml"
+    cli = load("train").main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks.every_n_train_steps=2",
+            "--trainer.callbacks.num_pairs=20",
+            "--trainer.callbacks.steps=8",
+        ]
+    )
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SpaceFoldingCallback")
+    assert (callback.every_n_train_steps, callback.num_pairs, callback.pairing) == (2, 20, "class")
+    assert callback.latest_step == 4
+    output = capsys.readouterr().out
+    assert "tensorboard --logdir runs" in output and "| spacefold/folding |" in output
+    assert list((tmp_path / "runs" / "digits").glob("version_0/events.out.tfevents.*"))
+
+
+def test_main_job_with_the_callback_added_on_the_command_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = load("train").main(
+        [
+            "fit",
+            "--trainer.max_steps=3",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.callbacks+=lightning_spacefold.SpaceFoldingCallback",
+            "--trainer.callbacks.num_pairs=32",
+            "--trainer.callbacks.every_n_train_steps=3",
+            "--trainer.callbacks.steps=8",
+            "--model.depth=2",
+            "--model.activation=gelu",
+        ]
+    )
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SpaceFoldingCallback")
+    assert callback.num_pairs == 32 and callback.latest_step == 3
+    assert set(callback.latest_metrics) == {
+        "spacefold/folding",
+        "spacefold/folding_median_nonzero",
+        "spacefold/folded_fraction",
+        "spacefold/layer/net.2",
+        "spacefold/layer/net.4",
+    }

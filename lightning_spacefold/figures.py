@@ -1,0 +1,78 @@
+"""Matplotlib figures of folding measurements. Pure plotting: no Lightning, no logger.
+
+Each function returns a new ``matplotlib.figure.Figure`` (built with the object-oriented API, so it works without a
+display and never touches pyplot's global state); the caller closes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+__all__ = ["class_pair_figure", "distance_figure", "layer_figure"]
+
+
+def distance_figure(distances: Tensor, chi: Tensor) -> Figure:
+    """Hamming distance from the start along a few example paths: the walks whose range and length give chi.
+
+    Args:
+        distances: ``[P, N]`` distance from each path's start at each of its N points.
+        chi: ``[P]`` folding of each path, shown in the legend.
+
+    Returns:
+        The figure.
+    """
+    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    axes = figure.add_subplot()
+    t = torch.linspace(0, 1, distances.shape[-1])
+    for index, (path, value) in enumerate(zip(distances.cpu(), chi.cpu(), strict=True)):
+        axes.plot(t, path, drawstyle="steps-post", label=f"path {index}: chi = {value:.3f}")
+    axes.set_xlabel("t along the segment")
+    axes.set_ylabel("Hamming distance from the start")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def class_pair_figure(matrix: Tensor, class_names: Sequence[str] | None = None) -> Figure:
+    """Mean folding per (start class, end class) as a heatmap; NaN (no path) is left blank.
+
+    Args:
+        matrix: ``[C, C]`` mean chi of the paths from class ``a`` (row) to class ``b`` (column).
+        class_names: Tick labels; the class indices by default.
+
+    Returns:
+        The figure.
+    """
+    figure = Figure(figsize=(5, 4.2), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(matrix.detach().float().cpu().numpy(), cmap="viridis", vmin=0)
+    ticks = range(len(matrix))
+    labels = list(class_names) if class_names is not None else [str(index) for index in ticks]
+    axes.set_xticks(ticks, labels)
+    axes.set_yticks(ticks, labels)
+    axes.set_xlabel("end class")
+    axes.set_ylabel("start class")
+    figure.colorbar(image, ax=axes, label="mean chi")
+    return figure
+
+
+def layer_figure(names: Sequence[str], values: Tensor) -> Figure:
+    """Mean folding of each layer, in forward order, as a bar chart.
+
+    Args:
+        names: Layer names.
+        values: ``[L]`` mean chi per layer.
+
+    Returns:
+        The figure.
+    """
+    figure = Figure(figsize=(max(4.0, 0.5 * len(names) + 2), 3.5), layout="constrained")
+    axes = figure.add_subplot()
+    axes.bar(range(len(names)), values.detach().float().cpu().numpy())
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes.set_ylabel("mean chi")
+    axes.set_xlabel("layer (forward order)")
+    return figure

@@ -1,0 +1,278 @@
+"""SpaceFoldingCallback in real (tiny, CPU) fits: schedule, logging, checkpoints, hygiene, DDP and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_spacefold import SpaceFoldingCallback
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+
+
+def blobs(count: int, seed: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 3
+    centres = torch.tensor([[2.0] * 8, [-2.0] * 8, [2.0, -2.0] * 4])
+    return TensorDataset(centres[labels] + torch.randn(count, 8, generator=generator), labels)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, lr: float = 0.05, normalise: bool = False) -> None:
+        super().__init__()
+        self.lr = lr
+        extra = [nn.BatchNorm1d(16), nn.Dropout(0.2)] if normalise else []
+        self.net = nn.Sequential(nn.Linear(8, 16), *extra, nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class Blobs(pl.LightningDataModule):
+    def __init__(self, validation: bool = True) -> None:
+        super().__init__()
+        self.validation = validation
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(blobs(96, 0), batch_size=8, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(blobs(48, 1), batch_size=16) if self.validation else []
+
+
+def trainer(tmp_path: Path, callback: SpaceFoldingCallback | None, **kwargs) -> pl.Trainer:
+    defaults = {
+        "max_steps": 6,
+        "logger": TensorBoardLogger(tmp_path, name="tb", version=0),
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "accelerator": "cpu",
+        "devices": 1,
+        "deterministic": True,
+    }
+    kwargs.setdefault("callbacks", [] if callback is None else [callback])
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def events(directory: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def scalar_steps(directory: Path, tag: str) -> list[int]:
+    steps = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        steps += [event.step for event in events(path).Scalars(tag)]
+    return steps
+
+
+def test_logs_scalars_histogram_and_figures_at_scheduled_steps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    callback = SpaceFoldingCallback(every_n_train_steps=2, num_pairs=12, steps=16, probe_size=30)
+    trainer(tmp_path, callback).fit(Classifier(), datamodule=Blobs())
+    log = events(tmp_path / "tb" / "version_0")
+    tags = log.Tags()
+    expected = {"spacefold/folding", "spacefold/folding_median_nonzero", "spacefold/folded_fraction"}
+    assert expected | {"spacefold/layer/net.1", "spacefold/layer/net.3"} <= set(tags["scalars"])
+    for tag in expected:
+        assert [event.step for event in log.Scalars(tag)] == [0, 2, 4, 6]
+    assert [event.step for event in log.Histograms("spacefold/chi")] == [0, 2, 4, 6]
+    assert {"spacefold/example_paths", "spacefold/layers", "spacefold/class_pairs"} <= set(tags["images"])
+    assert callback.latest_step == 6
+    assert callback.latest_metrics["spacefold/folding"] == pytest.approx(log.Scalars("spacefold/folding")[-1].value)
+    assert callback.latest_result is not None and len(callback.latest_result) == 12
+
+
+def test_logged_values_equal_a_direct_measurement(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=9, steps=16, probe_size=30, pairing="random")
+    model = Classifier()
+    trainer(tmp_path, callback, max_steps=3).fit(model, datamodule=Blobs())
+    from lightning_spacefold import path_folding
+
+    pairs = callback._pairs
+    direct = path_folding(model, pairs.starts, pairs.ends, steps=16)
+    assert callback.latest_metrics["spacefold/folding"] == pytest.approx(direct.chi.mean().item())
+    assert callback.latest_metrics["spacefold/layer/net.3"] == pytest.approx(direct.layer_chi[:, 1].mean().item())
+
+
+def test_measuring_does_not_change_training(tmp_path: Path) -> None:
+    results = []
+    for callback in (None, SpaceFoldingCallback(every_n_train_steps=1, num_pairs=6, steps=8, probe_size=20)):
+        torch.manual_seed(0)
+        model = Classifier(normalise=True)
+        trainer(tmp_path, callback, logger=False).fit(model, datamodule=Blobs())
+        results.append({key: value.clone() for key, value in model.state_dict().items()})
+    assert all(torch.equal(results[0][key], results[1][key]) for key in results[0])
+
+
+def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path: Path) -> None:
+    callback = SpaceFoldingCallback(every_n_train_steps=2, num_pairs=6, steps=8, probe_size=20, log_figures=False)
+    trainer(tmp_path, callback, max_steps=4, accumulate_grad_batches=3).fit(Classifier(), datamodule=Blobs())
+    assert scalar_steps(tmp_path / "tb" / "version_0", "spacefold/folding") == [0, 2, 4]
+
+
+def test_every_n_epochs(tmp_path: Path) -> None:
+    callback = SpaceFoldingCallback(
+        every_n_train_steps=None, every_n_epochs=1, num_pairs=6, steps=8, probe_size=20, log_figures=False
+    )
+    trainer(tmp_path, callback, max_steps=-1, max_epochs=2).fit(Classifier(), datamodule=Blobs())
+    assert scalar_steps(tmp_path / "tb" / "version_0", "spacefold/folding") == [0, 12, 24]
+
+
+def test_resume_continues_the_curve_without_gaps_or_duplicates(tmp_path: Path) -> None:
+    def make() -> SpaceFoldingCallback:
+        return SpaceFoldingCallback(every_n_train_steps=2, num_pairs=6, steps=8, probe_size=20, log_figures=False)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    first = make()
+    trainer(tmp_path, first, max_steps=5, callbacks=[first, checkpoint], enable_checkpointing=True).fit(
+        Classifier(), datamodule=Blobs()
+    )
+    second = make()
+    trainer(tmp_path, second, max_steps=8).fit(
+        Classifier(), datamodule=Blobs(), ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt")))
+    )
+    assert scalar_steps(tmp_path / "tb" / "version_0", "spacefold/folding") == [0, 2, 4, 6, 8]
+    assert torch.equal(second._pairs.starts, first._pairs.starts)
+
+
+def test_without_validation_data_falls_back_to_training_data(tmp_path: Path) -> None:
+    callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=6, steps=8, probe_size=20)
+    with pytest.warns(UserWarning, match="no validation data"):
+        trainer(tmp_path, callback, max_steps=3, limit_val_batches=0).fit(
+            Classifier(), datamodule=Blobs(validation=False)
+        )
+    assert callback.latest_step == 3
+
+
+def test_without_logger_warns_and_keeps_results(tmp_path: Path) -> None:
+    callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=6, steps=8, probe_size=20)
+    with pytest.warns(UserWarning, match="no logger"):
+        trainer(tmp_path, callback, max_steps=3, logger=False).fit(Classifier(), datamodule=Blobs())
+    assert set(callback.latest_metrics) >= {"spacefold/folding", "spacefold/layer/net.1"}
+
+
+def test_model_without_activations_fails_at_fit_start(tmp_path: Path) -> None:
+    class Linear(Classifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(8, 3)
+
+    callback = SpaceFoldingCallback(num_pairs=6, steps=8, probe_size=20)
+    fit = trainer(tmp_path, callback, max_steps=3)
+    with pytest.raises(ValueError, match="No supported activation"):
+        fit.fit(Linear(), datamodule=Blobs())
+    assert fit.global_step == 0
+
+
+def test_unknown_layer_fails_at_fit_start(tmp_path: Path) -> None:
+    callback = SpaceFoldingCallback(num_pairs=6, steps=8, probe_size=20, layers=["net.9"])
+    with pytest.raises(ValueError, match=r"Unknown layer name.*net\.1"):
+        trainer(tmp_path, callback, max_steps=3).fit(Classifier(), datamodule=Blobs())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_train_steps": -1}, "every_n_train_steps"),
+        ({"every_n_train_steps": 0, "measure_at_start": False}, "never measure"),
+        ({"num_pairs": 0}, "num_pairs"),
+        ({"steps": 0}, "steps"),
+        ({"probe_size": 1}, "probe_size"),
+        ({"pairing": "nearest"}, "pairing"),
+        ({"probe_source": "test"}, "probe_source"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SpaceFoldingCallback(**kwargs)
+
+
+def test_bad_argument_types() -> None:
+    with pytest.raises(TypeError, match="layers"):
+        SpaceFoldingCallback(layers="net.1")
+    with pytest.raises(TypeError, match="probe_dataset"):
+        SpaceFoldingCallback(probe_dataset=[1, 2, 3])
+    with pytest.raises(TypeError, match="input_key"):
+        SpaceFoldingCallback(input_key=1.5)
+
+
+def test_dict_batches_and_a_given_probe_dataset(tmp_path: Path) -> None:
+    class Dicts(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.data = blobs(30, 2)
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+            x, y = self.data[index]
+            return {"image": x, "label": y}
+
+    callback = SpaceFoldingCallback(
+        every_n_train_steps=3, num_pairs=9, steps=8, probe_dataset=Dicts(), input_key="image", label_key="label"
+    )
+    trainer(tmp_path, callback, max_steps=3).fit(Classifier(), datamodule=Blobs())
+    assert callback._pairs.start_labels is not None
+    bad = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=9, steps=8, probe_dataset=Dicts())
+    with pytest.raises(ValueError, match=r"keys \['image', 'label'\]; set `input_key`"):
+        trainer(tmp_path, bad, max_steps=3).fit(Classifier(), datamodule=Blobs())
+
+
+def read_csv_metrics(directory: Path) -> dict[int, dict[str, float]]:
+    rows = {}
+    with open(next(directory.rglob("metrics.csv"))) as file:
+        for row in csv.DictReader(file):
+            values = {key: float(value) for key, value in row.items() if key.startswith("spacefold/") and value}
+            if values:
+                rows.setdefault(int(row["step"]), {}).update(values)
+    return rows
+
+
+@pytest.mark.parametrize("pairing", ["class", "centroid"])
+def test_ddp_two_processes_log_the_same_values_as_one(tmp_path: Path, pairing: str) -> None:
+    logged = []
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        torch.manual_seed(0)
+        callback = SpaceFoldingCallback(
+            every_n_train_steps=2, num_pairs=14, steps=16, probe_size=30, pairing=pairing, centroids_per_class=2
+        )
+        directory = tmp_path / f"devices{devices}"
+        trainer(directory, callback, max_steps=2, devices=devices, strategy=strategy, logger=CSVLogger(directory)).fit(
+            Classifier(lr=0.0), datamodule=Blobs()
+        )
+        logged.append(read_csv_metrics(directory))
+    assert set(logged[0]) == {0, 2}
+    assert logged[0].keys() == logged[1].keys()
+    for step in logged[0]:
+        assert logged[0][step].keys() == logged[1][step].keys()
+        for key, value in logged[0][step].items():
+            assert logged[1][step][key] == pytest.approx(value, abs=1e-6), (step, key)
