@@ -7,6 +7,7 @@ the trainer's loggers; :mod:`lightning_spacefold.figures` draws.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -22,7 +23,9 @@ from torchmetrics.utilities.data import dim_zero_cat
 from lightning_spacefold.capture import find_layers
 from lightning_spacefold.figures import class_pair_figure, distance_figure, layer_figure
 from lightning_spacefold.folding import path_folding, select_layers
+from lightning_spacefold.loss_term import TrainingLossTerm
 from lightning_spacefold.metric import SpaceFolding
+from lightning_spacefold.regularization import SCHEDULES, folding_penalty, regularization_weight
 from lightning_spacefold.result import FoldingResult
 from lightning_spacefold.sampling import PairBatch, centroid_pairs, class_pairs, random_pairs
 
@@ -31,6 +34,7 @@ __all__ = ["SpaceFoldingCallback"]
 PREFIX = "spacefold"
 _PAIRINGS = ("auto", "random", "class", "centroid")
 _SOURCES = ("val", "train")
+_REG_PAIRS = ("batch", "probe")
 
 
 class SpaceFoldingCallback(Callback):
@@ -55,6 +59,13 @@ class SpaceFoldingCallback(Callback):
     states are synchronised, so the logged values equal those of a single process.
 
     The model is called as ``pl_module(inputs)`` on a batch of probe inputs.
+
+    With ``regularize=True`` the callback also adds ``-reg_weight * mean soft folding`` of ``reg_num_pairs`` paths
+    (:func:`~lightning_spacefold.soft_folding`) to the loss that ``training_step`` returns, every
+    ``reg_every_n_steps`` optimizer steps, so that it reaches the parameters through Lightning's normal backward
+    (mixed precision, gradient accumulation, clipping and DDP all apply). The term is logged as
+    ``spacefold/reg_term`` and its weight as ``spacefold/reg_weight``; ``training_step`` is restored at the end of the
+    fit. Manual optimisation is rejected: use :func:`~lightning_spacefold.folding_penalty` in your own step.
 
     Args:
         every_n_train_steps: Measure every this many optimizer steps (``trainer.global_step``; with gradient
@@ -86,6 +97,18 @@ class SpaceFoldingCallback(Callback):
         log_figures: Log the figures (TensorBoard). They are built on rank 0 only.
         num_example_paths: Number of paths in the ``example_paths`` figure.
         seed: Seed of the probe set and the pairs; the training run's RNG is not touched.
+        regularize: Add the folding regulariser to the training loss.
+        reg_weight: Weight lambda of the regulariser (total loss = task loss - lambda * soft folding).
+        reg_schedule: How the weight changes over training: ``constant``, or ``linear`` / ``cosine`` decay to zero.
+        reg_until: Fraction of the training's optimizer steps at which the weight reaches zero (``linear``,
+            ``cosine``) or stops (``constant``, when below 1).
+        reg_every_n_steps: Add the term every this many optimizer steps (all accumulated batches of such a step).
+        reg_num_pairs: Paths per regularisation step.
+        reg_steps: Segments per regularisation path.
+        reg_temperature: Temperature of the soft bits, relative to each layer's pre-activation spread.
+        reg_pairs: Where the regularisation paths come from: ``batch`` (random pairs of the current training
+            batch, drawn with ``seed``) or ``probe`` (the first ``reg_num_pairs`` measurement pairs, the same on
+            every process and at every step).
     """
 
     def __init__(
@@ -110,6 +133,15 @@ class SpaceFoldingCallback(Callback):
         log_figures: bool = True,
         num_example_paths: int = 4,
         seed: int = 0,
+        regularize: bool = False,
+        reg_weight: float = 0.01,
+        reg_schedule: Literal["constant", "linear", "cosine"] = "constant",
+        reg_until: float = 1.0,
+        reg_every_n_steps: int = 1,
+        reg_num_pairs: int = 16,
+        reg_steps: int = 16,
+        reg_temperature: float = 0.1,
+        reg_pairs: Literal["batch", "probe"] = "batch",
     ) -> None:
         for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and not _is_int(value, minimum=0):
@@ -125,6 +157,9 @@ class SpaceFoldingCallback(Callback):
             ("centroids_per_class", centroids_per_class, 1),
             ("probe_size", probe_size, 2),
             ("num_example_paths", num_example_paths, 1),
+            ("reg_every_n_steps", reg_every_n_steps, 1),
+            ("reg_num_pairs", reg_num_pairs, 1),
+            ("reg_steps", reg_steps, 1),
         ):
             if not _is_int(value, minimum):
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
@@ -143,6 +178,16 @@ class SpaceFoldingCallback(Callback):
                 raise TypeError(f"`{name}` must be a batch index (int >= 0) or a dict key (str), got {value!r}.")
         if not _is_int(seed, 0):
             raise ValueError(f"`seed` must be an integer >= 0, got {seed!r}.")
+        if not (isinstance(reg_weight, (int, float)) and math.isfinite(reg_weight) and reg_weight >= 0):
+            raise ValueError(f"`reg_weight` must be a finite number >= 0, got {reg_weight!r}.")
+        if reg_schedule not in SCHEDULES:
+            raise ValueError(f"`reg_schedule` must be one of {SCHEDULES}, got {reg_schedule!r}.")
+        if not (isinstance(reg_until, (int, float)) and 0 < reg_until <= 1):
+            raise ValueError(f"`reg_until` must be a fraction of training in (0, 1], got {reg_until!r}.")
+        if not (isinstance(reg_temperature, (int, float)) and math.isfinite(reg_temperature) and reg_temperature > 0):
+            raise ValueError(f"`reg_temperature` must be a finite number > 0, got {reg_temperature!r}.")
+        if reg_pairs not in _REG_PAIRS:
+            raise ValueError(f"`reg_pairs` must be one of {_REG_PAIRS}, got {reg_pairs!r}.")
 
         self.every_n_train_steps = every_n_train_steps or 0
         self.every_n_epochs = every_n_epochs or 0
@@ -164,6 +209,15 @@ class SpaceFoldingCallback(Callback):
         self.log_figures = log_figures
         self.num_example_paths = num_example_paths
         self.seed = seed
+        self.regularize = regularize
+        self.reg_weight = reg_weight
+        self.reg_schedule = reg_schedule
+        self.reg_until = reg_until
+        self.reg_every_n_steps = reg_every_n_steps
+        self.reg_num_pairs = reg_num_pairs
+        self.reg_steps = reg_steps
+        self.reg_temperature = reg_temperature
+        self.reg_pairs = reg_pairs
 
         self.latest_metrics: dict[str, float] = {}
         self.latest_step: int | None = None
@@ -171,6 +225,9 @@ class SpaceFoldingCallback(Callback):
         self._pairs: PairBatch | None = None
         self._num_classes: int | None = None
         self._metric: SpaceFolding | None = None
+        self._loss_term: TrainingLossTerm | None = None
+        # Made in setup(): a torch.Generator cannot travel to the processes that ddp_spawn starts.
+        self._reg_generator: torch.Generator | None = None
 
     @property
     def state_key(self) -> str:
@@ -186,12 +243,14 @@ class SpaceFoldingCallback(Callback):
             probe_source=self.probe_source,
             probe_size=self.probe_size,
             seed=self.seed,
+            regularize=self.regularize,
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Forget the pairs of a previous fit (a checkpoint restored afterwards brings its own)."""
         if stage == "fit":
             self._pairs, self._num_classes, self.latest_step = None, None, None
+            self._reg_generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the probe set and pairs, check the model's layers, and take the first measurement."""
@@ -210,6 +269,15 @@ class SpaceFoldingCallback(Callback):
                 "(`latest_metrics`). Pass a logger, e.g. `Trainer(logger=TensorBoardLogger(...))`, to record curves."
             )
         self._add_custom_scalars(trainer, names)
+        if self.regularize:
+            if self.reg_schedule != "constant" and not math.isfinite(trainer.estimated_stepping_batches):
+                raise ValueError(
+                    f"reg_schedule={self.reg_schedule!r} decays over the training's length, but the trainer has no "
+                    "finite number of steps; set `max_steps` or `max_epochs`, or use reg_schedule='constant'."
+                )
+            self._loss_term = TrainingLossTerm(
+                pl_module, lambda batch: self._regularization_term(trainer, pl_module, batch)
+            )
         if self.measure_at_start and self.latest_step is None:
             self._measure(trainer, pl_module)
 
@@ -227,6 +295,14 @@ class SpaceFoldingCallback(Callback):
         if epoch_due and trainer.global_step != self.latest_step:
             self._measure(trainer, pl_module)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give the module its own ``training_step`` back."""
+        self._remove_loss_term()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Give the module its own ``training_step`` back, also when the fit fails."""
+        self._remove_loss_term()
+
     def state_dict(self) -> dict[str, Any]:
         """The pairs (so that a resumed fit measures the same paths) and the step of the last measurement."""
         pairs = self._pairs
@@ -236,6 +312,7 @@ class SpaceFoldingCallback(Callback):
             "start_labels": None if pairs is None else pairs.start_labels,
             "end_labels": None if pairs is None else pairs.end_labels,
             "latest_step": self.latest_step,
+            "reg_generator": None if self._reg_generator is None else self._reg_generator.get_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -245,6 +322,8 @@ class SpaceFoldingCallback(Callback):
                 state_dict["starts"], state_dict["ends"], state_dict["start_labels"], state_dict["end_labels"]
             )
         self.latest_step = state_dict["latest_step"]
+        if state_dict["reg_generator"] is not None and self._reg_generator is not None:
+            self._reg_generator.set_state(state_dict["reg_generator"])
 
     # --- the probe set and the pairs ----------------------------------------------------------------------------
 
@@ -333,6 +412,36 @@ class SpaceFoldingCallback(Callback):
             )
             labels = None
         return inputs, labels
+
+    # --- regularisation ----------------------------------------------------------------------------------------
+
+    def _regularization_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
+        step = trainer.global_step
+        if step % self.reg_every_n_steps:
+            return None
+        weight = regularization_weight(
+            step, trainer.estimated_stepping_batches, self.reg_weight, self.reg_schedule, self.reg_until
+        )
+        if weight == 0:
+            return None
+        if self.reg_pairs == "probe":
+            assert self._pairs is not None
+            few = slice(0, self.reg_num_pairs)
+            starts, ends = self._pairs.starts[few].to(pl_module.device), self._pairs.ends[few].to(pl_module.device)
+        else:
+            pairs = random_pairs(self._split(batch)[0], self.reg_num_pairs, generator=self._reg_generator)
+            starts, ends = pairs.starts, pairs.ends
+        term = folding_penalty(
+            pl_module, starts, ends, weight, steps=self.reg_steps, temperature=self.reg_temperature, layers=self.layers
+        )
+        pl_module.log(f"{PREFIX}/reg_term", term.detach(), on_step=True, on_epoch=False)
+        pl_module.log(f"{PREFIX}/reg_weight", float(weight), on_step=True, on_epoch=False)
+        return term
+
+    def _remove_loss_term(self) -> None:
+        if self._loss_term is not None:
+            self._loss_term.remove()
+            self._loss_term = None
 
     # --- measuring and logging ---------------------------------------------------------------------------------
 
