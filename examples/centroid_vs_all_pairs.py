@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from digits import DigitsDataModule, MLPClassifier
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from digits import digits_split, train_mlp
 
 from lightning_spacefold.metric import SpaceFolding
 from lightning_spacefold.sampling import PairBatch, all_pairs, centroid_pairs, random_pairs
@@ -43,27 +47,6 @@ class Row:
     def spread(self) -> float:
         """Standard deviation of the mean folding over seeds; 0 for a single run."""
         return statistics.stdev(self.folding) if len(self.folding) > 1 else 0.0
-
-
-def digits_split(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Digits scaled to [0, 1], 25 % stratified test split: train and test inputs ``[N, 64]`` and labels."""
-    data = DigitsDataModule(dataset="digits", seed=seed)
-    data.setup("fit")
-    return (*data.train_set.tensors, *data.val_set.tensors)
-
-
-def train(inputs: Tensor, labels: Tensor, epochs: int, seed: int) -> nn.Module:
-    """The 64-32-32-10 ReLU MLP of the examples, trained with a plain loop: Adam, cross-entropy, batches of 64."""
-    torch.manual_seed(seed)
-    model = MLPClassifier(input_dim=64, num_classes=10, depth=2, width=32, activation="relu")
-    optimizer = model.configure_optimizers()
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(inputs), generator=generator).split(64):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(inputs[batch]), labels[batch]).backward()
-            optimizer.step()
-    return model.eval()
 
 
 def balanced_subset(labels: Tensor, per_class: int) -> Tensor:
@@ -120,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         per_class, epochs, seeds, centroids = 6, 2, min(seeds, 2), min(centroids, 2)
 
     x_train, y_train, x_test, y_test = digits_split(seed=0)
-    model = train(x_train, y_train, epochs, seed=0)
+    model = train_mlp(x_train, y_train, depth=2, width=32, epochs=epochs, seed=0)
     with torch.no_grad():
         accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
     if per_class is not None:

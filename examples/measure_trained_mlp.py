@@ -6,32 +6,16 @@ Run: python examples/measure_trained_mlp.py [--epochs 30] [--pairs 256] [--steps
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from digits import digits_split, train_mlp
 
 from lightning_spacefold import path_folding
-
-
-def digits(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Digits scaled to [0, 1]: train and test inputs ``[N, 64]`` and labels."""
-    inputs, labels = load_digits(return_X_y=True)
-    split = train_test_split(inputs / 16.0, labels, test_size=0.25, random_state=seed, stratify=labels)
-    x_train, x_test, y_train, y_test = (torch.as_tensor(part) for part in split)
-    return x_train.float(), y_train.long(), x_test.float(), y_test.long()
-
-
-def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(inputs), generator=generator).split(64):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(inputs[batch]), labels[batch]).backward()
-            optimizer.step()
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -42,11 +26,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    x_train, y_train, x_test, y_test = digits(args.seed)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-    train(model, x_train, y_train, args.epochs, args.seed)
-    accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
+    x_train, y_train, x_test, y_test = digits_split(args.seed)
+    model = train_mlp(x_train, y_train, depth=2, width=32, epochs=args.epochs, seed=args.seed)
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
 
     generator = torch.Generator().manual_seed(args.seed)
     starts, ends = x_test[torch.randint(len(x_test), (2, args.pairs), generator=generator)]

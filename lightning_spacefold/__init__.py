@@ -2,7 +2,7 @@
 
 from lightning_spacefold.callback import SpaceFoldingCallback
 from lightning_spacefold.capture import ActivationRule, LayerInfo, find_layers, register_activation
-from lightning_spacefold.folding import path_folding
+from lightning_spacefold.folding import path_folding, path_patterns
 from lightning_spacefold.measure import fold_measure, fold_ranges, interaction_profile, symmetric_fold_measure
 from lightning_spacefold.metric import SpaceFolding
 from lightning_spacefold.regularization import folding_penalty, regularization_weight, soft_folding
@@ -20,6 +20,7 @@ __all__ = [
     "folding_penalty",
     "interaction_profile",
     "path_folding",
+    "path_patterns",
     "register_activation",
     "regularization_weight",
     "soft_folding",

@@ -21,10 +21,18 @@ from lightning_spacefold.capture import (
     evaluation_mode,
     find_layers,
 )
+from lightning_spacefold.exact import exact_folding
 from lightning_spacefold.measure import folding_from_ranges, pack_bits, step_distances, unpack_bits
 from lightning_spacefold.result import FoldingResult
 
-__all__ = ["check_path_arguments", "default_batch_size", "path_folding", "segment_points", "select_layers"]
+__all__ = [
+    "check_path_arguments",
+    "default_batch_size",
+    "path_folding",
+    "path_patterns",
+    "segment_points",
+    "select_layers",
+]
 
 MIN_BATCH_SIZE = 64
 MAX_BATCH_SIZE = 8192
@@ -114,6 +122,7 @@ def path_folding(
     layers: Sequence[str] | None = None,
     batch_size: int | None = None,
     return_distances: bool = False,
+    exact: bool = False,
 ) -> FoldingResult:
     """Measure how the network folds each segment from ``starts[p]`` to ``ends[p]``.
 
@@ -131,6 +140,10 @@ def path_folding(
         batch_size: Points per forward pass; by default chosen from the model's largest activation (see
             :func:`default_batch_size`). Memory grows with it, not with ``steps``.
         return_distances: Also return the Hamming distance from the start at every point, ``[P, steps + 1]``.
+        exact: Traverse the exact sequence of activation regions along each segment instead of sampling
+            ``steps + 1`` points (piecewise-linear networks; see :mod:`lightning_spacefold.exact`). ``chi`` is then
+            the limit of dense sampling, ``steps`` is ignored and the result has ``regions``, the number of pieces
+            with a constant pattern along each path.
 
     Returns:
         A :class:`FoldingResult` on the inputs' device.
@@ -138,13 +151,18 @@ def path_folding(
     Raises:
         TypeError: If the model or the inputs have the wrong type.
         ValueError: For inputs of different shapes, empty, non-finite, ``steps < 1``, ``batch_size < 1``, a model
-            with no supported activation, or an unknown layer name.
+            with no supported activation, an unknown layer name, ``return_distances`` with ``exact``, or with
+            ``exact`` a model that is not piecewise linear (naming the layer).
     """
     check_path_arguments(model, starts, ends, steps, batch_size)
     found = find_layers(model, starts[:1])
     selected = select_layers(model, [layer.name for layer in found], layers)
     names = [found[index].name for index in selected]
     batch_size = default_batch_size(found, starts) if batch_size is None else batch_size
+    if exact:
+        if return_distances:
+            raise ValueError("`return_distances` needs sampled points; it cannot be combined with `exact=True`.")
+        return exact_folding(model, starts, ends, found, selected, batch_size)
 
     num_paths, num_points = len(starts), steps + 1
     group_size = _balanced(num_paths, max(1, batch_size // min(num_points, batch_size)))
@@ -187,6 +205,40 @@ def path_folding(
         steps=steps,
         distances=_stitch(distances, num_paths, group_size) if return_distances else None,
     )
+
+
+def path_patterns(
+    model: nn.Module, starts: Tensor, ends: Tensor, *, steps: int = 64, layers: Sequence[str] | None = None
+) -> Tensor:
+    """The activation patterns themselves at the ``steps + 1`` points of each segment, in one forward pass.
+
+    For analyses that need the whole walk (``interaction_profile``, the folding of every prefix, ...). Unlike
+    :func:`path_folding` it keeps every pattern: memory grows with ``P * (steps + 1) * M``.
+
+    Args:
+        model: The network; it must take a batch ``[B, *input_shape]``.
+        starts: Start of each path, ``[P, *input_shape]``, floating point.
+        ends: End of each path, same shape, dtype and device as ``starts``.
+        steps: Number of segments per path, at the same ``t_i = i / steps`` as :func:`path_folding`.
+        layers: Names of the layers whose bits to concatenate (forward order); ``None`` for all.
+
+    Returns:
+        Boolean patterns ``[P, steps + 1, M]`` (M: units of the selected layers).
+
+    Raises:
+        TypeError: If the model or the inputs have the wrong type.
+        ValueError: As :func:`path_folding`.
+    """
+    check_path_arguments(model, starts, ends, steps, None)
+    found = find_layers(model, starts[:1])
+    selected = select_layers(model, [layer.name for layer in found], layers)
+    t = torch.arange(steps + 1, dtype=torch.float64, device=starts.device) / steps
+    with (
+        evaluation_mode(model),
+        capture_activations(model, lambda _position, z, rule: rule.bits(z).flatten(1), frozenset(selected)) as capture,
+    ):
+        model(segment_points(starts, ends, t))
+    return torch.cat(capture.values, dim=1).unflatten(0, (len(starts), steps + 1))
 
 
 def _balanced(total: int, most: int) -> int:

@@ -73,3 +73,10 @@ def test_main_job_with_the_callback_added_on_the_command_line(tmp_path: Path, mo
         "spacefold/layer/net.2",
         "spacefold/layer/net.4",
     }
+
+
+def test_regularization_experiment(tmp_path: Path) -> None:
+    rows = load("regularization_experiment").main(["--quick", "--out", str(tmp_path)])
+    assert [row["weight"] for row in rows] == [0.0, 1.0]
+    assert (tmp_path / "results.md").read_text().startswith("| weight |")
+    assert (tmp_path / "folding_over_training.png").stat().st_size > 0

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_spacefold import fold_measure, path_folding
+from lightning_spacefold import fold_measure, path_folding, path_patterns
 from lightning_spacefold.capture import capture_activations, evaluation_mode
 from lightning_spacefold.folding import segment_points
 
@@ -238,3 +238,16 @@ def test_bad_input_gets_a_clear_error(kwargs: dict, error: type[Exception], matc
 def test_model_without_activation_says_how_to_register_one() -> None:
     with pytest.raises(ValueError, match=r"No supported activation.*Linear.*register_activation"):
         path_folding(nn.Sequential(nn.Linear(3, 2)), torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_path_patterns_give_the_walk_that_path_folding_measures() -> None:
+    torch.manual_seed(0)
+    model = Residual().double()
+    starts, ends = torch.randn(2, 5, 4, dtype=torch.float64) * 3
+    patterns = path_patterns(model, starts, ends, steps=40)
+    assert patterns.shape == (5, 41, 8 * 3 + 8 + 8) and patterns.dtype == torch.bool
+    result = path_folding(model, starts, ends, steps=40, return_distances=True)
+    assert torch.equal(fold_measure(patterns), result.chi)
+    assert torch.equal((patterns != patterns[:, :1]).sum(-1), result.distances)
+    tanh_only = path_patterns(model, starts, ends, steps=40, layers=["tanh"])
+    torch.testing.assert_close(fold_measure(tanh_only), result.layer_chi[:, 4])

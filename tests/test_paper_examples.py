@@ -1,0 +1,132 @@
+"""The examples that reproduce the papers: each runs in --quick mode, plus hand-checked pieces of each."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_spacefold import path_folding, path_patterns
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """As the examples do when run as scripts: on a busy machine, OpenMP threads spin and tiny models crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cantornet() -> ModuleType:
+    return load("cantornet")
+
+
+@pytest.fixture(scope="module")
+def adversarial() -> ModuleType:
+    return load("adversarial_interaction")
+
+
+def test_depth_sweep_quick(tmp_path: Path) -> None:
+    results = load("depth_sweep").main(["--quick", "--out", str(tmp_path)])
+    shallow, deep = results["rows"]
+    assert (shallow["depth"], shallow["width"], deep["depth"], deep["width"]) == (1, 32, 3, 20)
+    # One hidden layer: every unit's pre-activation is affine along a segment and flips at most once, so no path folds.
+    assert shallow["chi_mean"] == 0.0 and shallow["folded_share"] == 0.0
+    assert 0.0 <= deep["chi_mean"] < 1.0 and 0.0 <= deep["folded_share"] <= 1.0
+    for row in results["rows"]:
+        assert row["regions_mean"] >= 1.0  # exact traversal counts the regions; at least the start's
+        assert 0.5 < row["val_accuracy"] <= 1.0
+    with open(tmp_path / "depth_sweep.csv") as file:
+        assert len(list(csv.DictReader(file))) == 2
+    assert "| 3 x 20 |" in (tmp_path / "depth_sweep.md").read_text()
+    assert (tmp_path / "depth_sweep.png").stat().st_size > 10_000
+
+
+def test_cantornet_first_recursion_computes_the_cantor_fold(cantornet: ModuleType) -> None:
+    x = torch.linspace(0, 1, 301, dtype=torch.float64)
+    points = torch.stack([x, torch.full_like(x, 0.75)], dim=1)
+    folded = cantornet.cantornet(1)[:4](points)
+    # A(x) = max(1 - 3x, 0, 3x - 2): [0, 1/3] -> [1, 0], [1/3, 2/3] -> 0, [2/3, 1] -> [0, 1]; y passes through.
+    expected = torch.stack([torch.maximum(torch.maximum(1 - 3 * x, torch.zeros_like(x)), 3 * x - 2), points[:, 1]], 1)
+    torch.testing.assert_close(folded, expected)
+    assert torch.equal(cantornet.cantornet(3)(points) > 0, cantornet.cantornet(3)[:12](points)[:, :1] < 0.5)
+
+
+def test_cantornet_depth_one_by_hand(cantornet: ModuleType) -> None:
+    # Along y = 3/4, with A = A(x), the bits are [3x-2 > 0, 1-3x > 0, y > 0 | A > 0, y > 0 | A < 1/2]:
+    #   [0, 1/6]    A = 1 - 3x >= 1/2   a = 011 11 0
+    #   (1/6, 1/3)  A = 1 - 3x in (0, 1/2)  b = 011 11 1
+    #   [1/3, 2/3]  A = 0               c = 001 01 1
+    #   (2/3, 5/6)  A = 3x - 2 in (0, 1/2)  d = 101 11 1
+    #   [5/6, 1]    A = 3x - 2 >= 1/2   e = 101 11 0
+    # Five regions; distances from a: b 1, c 3, d 3, e 2, so r1 = 3; steps a-b 1, b-c 2, c-d 2, d-e 1, so r2 = 6 and
+    # chi = 1 - 3/6 = 1/2.
+    a, b, c, d, e = ([int(bit) for bit in word] for word in ("011110", "011111", "001011", "101111", "101110"))
+    model = cantornet.cantornet(1)
+    start, end = (torch.tensor([point], dtype=torch.float64) for point in cantornet.SEGMENT)
+    exact = path_folding(model, start, end, exact=True)
+    assert exact.regions.tolist() == [5] and (exact.r1.item(), exact.r2.item()) == (3, 6)
+    assert exact.chi.item() == pytest.approx(0.5)
+    # At t = 0, 0.1, ..., 1 the points fall in a a b b c c c d d e e: the running chi of pi_0..pi_i is 0 until c
+    # (a shortest walk so far), 1 - 3/5 at d and 1 - 3/6 at e.
+    patterns = path_patterns(model, start, end, steps=10)
+    assert patterns[0].int().tolist() == [a, a, b, b, c, c, c, d, d, e, e]
+    running = cantornet.running_folding(patterns)[0]
+    torch.testing.assert_close(running, torch.tensor([0, 0, 0, 0, 0, 0, 0.4, 0.4, 0.5, 0.5]))
+
+
+def test_cantornet_quick(cantornet: ModuleType, tmp_path: Path) -> None:
+    results = cantornet.main(["--quick", "--out", str(tmp_path)])
+    assert results["regions"][1] == 5 and results["chi"][1] == pytest.approx(0.5)
+    assert results["running"][1][-1] == pytest.approx(0.5)  # 10 steps already see every region of depth 1
+    # Depth 2 folds the segment again: more regions, more folding; 10 steps miss some of them.
+    assert results["regions"][2] > 5 and results["chi"][2] > results["chi"][1]
+    assert results["running"][2][-1] <= results["chi"][2]
+    assert "| 2 |" in (tmp_path / "cantornet.md").read_text()
+    assert (tmp_path / "cantornet.png").stat().st_size > 10_000
+
+
+def test_fgsm_and_pgd_increase_the_loss(adversarial: ModuleType) -> None:
+    x_train, y_train, x_val, y_val = adversarial.digits_split()
+    model = adversarial.train_mlp(x_train, y_train, depth=2, width=32, epochs=2, seed=0)
+    inputs, labels = x_val[:100], y_val[:100]
+    loss = lambda x: nn.functional.cross_entropy(model(x), labels).item()  # noqa: E731
+    fgsm = adversarial.fgsm(model, inputs, labels, 0.05)
+    pgd = adversarial.pgd(model, inputs, labels, 0.05, steps=5, step_size=0.025)
+    for attacked in (fgsm, pgd):
+        assert (attacked - inputs).abs().max() <= 0.05 + 1e-6
+        assert attacked.min() >= 0 and attacked.max() <= 1
+    assert loss(inputs) < loss(fgsm) <= loss(pgd)
+
+
+def test_adversarial_interaction_quick(adversarial: ModuleType, tmp_path: Path) -> None:
+    results = adversarial.main(["--quick", "--out", str(tmp_path)])
+    rows = {row["paths"]: row for row in results["rows"]}
+    assert 0.5 < results["accuracy"] <= 1.0
+    clean, attacked = rows["clean -> clean"], rows["clean -> FGSM eps=0.1"]
+    assert clean["count"] == attacked["count"] == 40
+    assert 0.0 < attacked["attack_success"] <= 1.0
+    for row in rows.values():
+        assert 0.0 <= row["nonzero_points"] <= row["nonzero_paths"] <= 1.0
+        assert 0.0 <= row["chi_mean"] < 1.0
+        assert abs(row["nonzero_mean"]) <= row["nonzero_abs_mean"] < 1.0
+    assert "| clean -> FGSM eps=0.1 |" in (tmp_path / "adversarial.md").read_text()
