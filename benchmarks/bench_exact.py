@@ -11,45 +11,11 @@ Run: python benchmarks/bench_exact.py [--quick] [--threads N]
 from __future__ import annotations
 
 import argparse
-import math
-import time
-from collections.abc import Callable
 
 import torch
-from torch import nn
+from common import best_times, mlp
 
-from lightning_spacefold import FoldingResult, find_layers, path_folding
-from lightning_spacefold.exact import exact_folding
-from lightning_spacefold.folding import default_batch_size
-
-
-def mlp() -> nn.Module:
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = 784
-    for _ in range(4):
-        layers += [nn.Linear(width, 256), nn.ReLU()]
-        width = 256
-    return nn.Sequential(*layers, nn.Linear(256, 10))
-
-
-def best_times(functions: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Best wall-clock time of each function, run in turns so that a busy machine slows all of them alike."""
-    for function in functions:
-        function()  # warm-up
-    best = [math.inf] * len(functions)
-    for _ in range(repeats):
-        for index, function in enumerate(functions):
-            begin = time.perf_counter()
-            function()
-            best[index] = min(best[index], time.perf_counter() - begin)
-    return best
-
-
-def exact(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor) -> FoldingResult:
-    """Exact folding with the arguments path_folding would pass (all layers, default batch size)."""
-    layers = find_layers(model, starts[:1])
-    batch_size = default_batch_size(layers, starts)
-    return exact_folding(model, starts, ends, layers, list(range(len(layers))), batch_size)
+from lightning_spacefold import path_folding
 
 
 def main() -> None:
@@ -68,9 +34,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, MLP 784-256x4-10, {pairs} random pairs")
 
     exact_time, dense_time = best_times(
-        [lambda: exact(model, starts, ends), lambda: path_folding(model, starts, ends, steps=1024)], repeats
+        [lambda: path_folding(model, starts, ends, exact=True), lambda: path_folding(model, starts, ends, steps=1024)],
+        repeats,
     )
-    result = exact(model, starts, ends)
+    result = path_folding(model, starts, ends, exact=True)
     regions = result.regions.double()
     print(f"exact / path_folding(steps=1024) time = {exact_time / dense_time:.2f}x (target <= 2x)")
     print(f"  exact {exact_time:.2f} s, steps=1024 {dense_time:.2f} s")

@@ -1,6 +1,8 @@
 """Train a small MLP on scikit-learn's digits (no download) and measure how it folds the segments between test digits.
 
-Run: python examples/measure_trained_mlp.py [--epochs 30] [--pairs 256] [--steps 64]
+Run: python examples/measure_trained_mlp.py [--epochs 30] [--pairs 256] [--steps 64] [--figure docs/example_paths.png]
+
+With ``--figure`` it also draws the Hamming distance from the start along the four most folded paths.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from digits import digits_split, train_mlp
 
 from lightning_spacefold import path_folding
+from lightning_spacefold.figures import distance_figure
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -24,6 +27,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figure", type=Path, help="save the walks of the four most folded paths to this PNG")
     args = parser.parse_args(argv)
 
     x_train, y_train, x_test, y_test = digits_split(args.seed)
@@ -43,6 +47,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rows = [("whole network", result.chi), *zip(result.layer_names, result.layer_chi.T, strict=True)]
     for name, chi in rows:
         print(f"| {name} | {chi.mean().item():.4f} | {chi.gt(0).float().mean().item():.0%} |")
+    if args.figure is not None:
+        most = result.chi.argsort(descending=True)[:4]
+        walks = path_folding(model, starts[most], ends[most], steps=args.steps, return_distances=True)
+        args.figure.parent.mkdir(parents=True, exist_ok=True)
+        distance_figure(walks.distances, walks.chi).savefig(args.figure, dpi=110)
     return {"accuracy": accuracy, "folding": result.chi.mean().item()}
 
 

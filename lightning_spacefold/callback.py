@@ -460,7 +460,7 @@ class SpaceFoldingCallback(Callback):
                 steps=self.steps,
                 layers=self.layers,
                 batch_size=self.batch_size,
-                **({"exact": True} if self.exact else {}),
+                exact=self.exact,
             )
         labels = self._pairs.start_labels
         self._metric.reset()

@@ -270,9 +270,11 @@ def _enter_hook(
     def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
         capture.module_stack.append(name)
         if rule is not None:
-            if capture.activation_depth == 0 and not capture.transforming:
-                capture.record(name or type(module).__name__, type(module).__name__, rule(module), args[0])
+            outermost = capture.activation_depth == 0 and not capture.transforming
+            # Counted before recording: the exit hook always runs, also when the transform raises.
             capture.activation_depth += 1
+            if outermost:
+                capture.record(name or type(module).__name__, type(module).__name__, rule(module), args[0])
 
     return hook
 

@@ -25,8 +25,9 @@ the result.
 
 Memory. Each path is resolved from left to right: as soon as no interval before a point is pending, the point's
 pattern is streamed into the running ranges and lengths (as in ``path_folding``) and dropped. What is kept per
-unresolved point is its packed pattern of the selected layers and four numbers per layer, so memory follows the
-batch size and the unresolved front of each path, not the total number of regions.
+unresolved point is its packed pattern of the selected layers (``pack_bits``) and four numbers per layer, and only
+the unresolved front of each path is kept: a few times ``batch_size`` points in practice, not the total number of
+regions (an MLP with 64 paths of about 180 regions each kept at most 545 points with ``batch_size=64``).
 
 Supported: ``Linear``, ``Conv1d/2d/3d``, ``BatchNorm`` (eval mode), average pooling, ``nn.MaxPool1d/2d/3d`` and
 ``F.max_pool1d/2d/3d`` (a change of a window's winner is a breakpoint, found by watching these calls), ``Flatten``,
@@ -45,7 +46,8 @@ Limits and errors.
   of each layer's pre-activations within :data:`CONSISTENCY_TOLERANCE` relative to its magnitude. A failed check
   raises a ``ValueError`` naming the first layer whose pre-activation is not piecewise linear along the segment;
   the offending operation lies before it. There is no adaptive refinement: a hidden breakpoint is an error.
-- Under ``torch.autocast`` it raises a ``ValueError``: reduced precision is not exactly piecewise linear.
+- It runs in the model's own dtype: :func:`~lightning_spacefold.path_folding` switches autocast off around it,
+  because a network computed in reduced precision is not exactly piecewise linear.
 - Regions narrower than :data:`TIME_TOLERANCE` along ``t`` are not resolved: crossings closer than that count as
   simultaneous (dense sampling would need more than ``1 / TIME_TOLERANCE`` steps to see them). An evaluated point
   that lands exactly on a breakpoint in the interior of the segment contributes its own (boundary) pattern; the
@@ -272,8 +274,13 @@ class _Probe:
         if position in self.selected:
             self.bits.append(pack_bits(rule.bits(value).reshape(self.num_points, -1)))
         direction = self.projections[position]
-        norms = torch.linalg.vector_norm(torch.stack([z, dz]), dim=2)
-        self.prints.append(torch.stack([z @ direction, norms[0], dz @ direction, norms[1]], dim=1).double())
+        summary = [
+            z @ direction,
+            torch.linalg.vector_norm(z, dim=1),
+            dz @ direction,
+            torch.linalg.vector_norm(dz, dim=1),
+        ]
+        self.prints.append(torch.stack(summary, dim=1).double())
         # Later max pooling cannot change the measured layers: ignore it.
         self.complete = position == self.last
 
@@ -505,15 +512,10 @@ def exact_folding(
 
     Raises:
         ValueError: If a layer at or before the last selected one is smooth, an operation breaks piecewise
-            linearity (naming the first affected layer), the model runs different layers on different batches, or
-            autocast is enabled.
+            linearity (naming the first affected layer), or the model runs different layers on different batches.
     """
-    if torch.is_autocast_enabled(starts.device.type):
-        raise ValueError(
-            "Exact folding cannot run under torch.autocast: a network computed in reduced precision is not exactly "
-            "piecewise linear. Call it outside autocast, or use path_folding with a step count."
-        )
-    last = max(selected)
+    selected = sorted(selected)
+    last = selected[-1]
     time_tolerance = TIME_TOLERANCE.get(starts.dtype, TIME_TOLERANCE[torch.float16])
     consistency_tolerance = CONSISTENCY_TOLERANCE.get(starts.dtype, CONSISTENCY_TOLERANCE[torch.float16])
     device = starts.device

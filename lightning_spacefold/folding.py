@@ -143,7 +143,7 @@ def path_folding(
         exact: Traverse the exact sequence of activation regions along each segment instead of sampling
             ``steps + 1`` points (piecewise-linear networks; see :mod:`lightning_spacefold.exact`). ``chi`` is then
             the limit of dense sampling, ``steps`` is ignored and the result has ``regions``, the number of pieces
-            with a constant pattern along each path.
+            with a constant pattern along each path. It runs without autocast, in the model's own dtype.
 
     Returns:
         A :class:`FoldingResult` on the inputs' device.
@@ -162,7 +162,9 @@ def path_folding(
     if exact:
         if return_distances:
             raise ValueError("`return_distances` needs sampled points; it cannot be combined with `exact=True`.")
-        return exact_folding(model, starts, ends, found, selected, batch_size)
+        # Crossing times need the model's own precision: bfloat16 breaks the affine models of the traversal.
+        with torch.autocast(starts.device.type, enabled=False):
+            return exact_folding(model, starts, ends, found, selected, batch_size)
 
     num_paths, num_points = len(starts), steps + 1
     group_size = _balanced(num_paths, max(1, batch_size // min(num_points, batch_size)))

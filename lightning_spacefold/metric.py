@@ -194,10 +194,8 @@ class SpaceFolding(Metric):
         # Labels are checked before the costly measurement; path_folding checks the model and the inputs.
         num_paths = starts.shape[0] if isinstance(starts, Tensor) and starts.ndim > 0 else None
         labels = self._check_labels(start_labels, end_labels, num_paths)
-        # ``exact`` only reaches path_folding when asked for, so the metric runs on versions without it.
-        exact = {"exact": True} if self.exact else {}
         result = path_folding(
-            model, starts, ends, steps=self.steps, layers=self.layers, batch_size=self.batch_size, **exact
+            model, starts, ends, steps=self.steps, layers=self.layers, batch_size=self.batch_size, exact=self.exact
         )
         self._accumulate(result, labels)
 

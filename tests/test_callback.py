@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_spacefold import SpaceFoldingCallback
+from lightning_spacefold import SpaceFoldingCallback, path_folding
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
@@ -113,12 +113,21 @@ def test_logged_values_equal_a_direct_measurement(tmp_path: Path) -> None:
     callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=9, steps=16, probe_size=30, pairing="random")
     model = Classifier()
     trainer(tmp_path, callback, max_steps=3).fit(model, datamodule=Blobs())
-    from lightning_spacefold import path_folding
-
     pairs = callback._pairs
     direct = path_folding(model, pairs.starts, pairs.ends, steps=16)
     assert callback.latest_metrics["spacefold/folding"] == pytest.approx(direct.chi.mean().item())
     assert callback.latest_metrics["spacefold/layer/net.3"] == pytest.approx(direct.layer_chi[:, 1].mean().item())
+
+
+def test_exact_measurement_equals_exact_path_folding(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=9, probe_size=30, exact=True, log_figures=False)
+    model = Classifier()
+    trainer(tmp_path, callback, max_steps=3).fit(model, datamodule=Blobs())
+    pairs = callback._pairs
+    direct = path_folding(model, pairs.starts, pairs.ends, exact=True)
+    assert callback.latest_result.regions is not None
+    assert callback.latest_metrics["spacefold/folding"] == pytest.approx(direct.chi.mean().item())
 
 
 def test_measuring_does_not_change_training(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_spacefold import SpaceFoldingCallback, soft_folding
-from tests.test_callback import Blobs, Classifier, blobs
+from tests.test_callback import Blobs, Classifier, blobs, trainer
 
 WEIGHT = 0.5
 
@@ -63,21 +63,10 @@ def regularizing(**kwargs) -> SpaceFoldingCallback:
 
 
 def fit(tmp_path: Path, module: pl.LightningModule, callback: SpaceFoldingCallback, **kwargs) -> pl.Trainer:
-    defaults = {
-        "max_steps": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "accelerator": "cpu",
-        "devices": 1,
-        "default_root_dir": tmp_path,
-    }
     datamodule = kwargs.pop("datamodule", Ordered(16))
-    trainer = pl.Trainer(callbacks=[callback], **{**defaults, **kwargs})
-    trainer.fit(module, datamodule=datamodule)
-    return trainer
+    fitted = trainer(tmp_path, callback, **{"max_steps": 1, "logger": False, "default_root_dir": tmp_path, **kwargs})
+    fitted.fit(module, datamodule=datamodule)
+    return fitted
 
 
 def test_gradient_is_task_gradient_plus_weighted_surrogate_gradient(tmp_path: Path) -> None:

@@ -156,3 +156,21 @@ def test_find_layers_rejects_bad_arguments() -> None:
         find_layers(lambda x: x, torch.randn(1, 2))
     with pytest.raises(TypeError, match="torch.Tensor"):
         find_layers(nn.ReLU(), [1.0])
+
+
+def test_a_raising_transform_leaves_the_capture_consistent() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    calls = []
+
+    def transform(_position: int, z: torch.Tensor, _rule) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 1:
+            raise StopIteration  # e.g. stopping the forward early
+        return z
+
+    with capture_activations(model, transform) as capture:
+        with pytest.raises(StopIteration):
+            model(torch.randn(2, 2))
+        capture.reset()
+        model(torch.randn(2, 2))
+    assert capture.base_names == ["1"] and capture.activation_depth == 0

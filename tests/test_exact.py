@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_spacefold import FoldingResult, find_layers, path_folding
-from lightning_spacefold.exact import exact_folding
+from lightning_spacefold import FoldingResult, path_folding
 
-# Odd step counts for dense sampling: t = i / steps never lands on the dyadic breakpoints of the hand-built networks.
+# A prime step count for dense sampling: t = i / steps is no simple fraction (as the breakpoints of the hand-built
+# networks are) other than 0 and 1, so no sample lands exactly on a breakpoint.
 DENSE_STEPS = 100_003
 
 
@@ -24,11 +24,7 @@ def exact(
     layers: Sequence[str] | None = None,
     batch_size: int = 4096,
 ) -> FoldingResult:
-    """exact_folding with the arguments path_folding(..., exact=True) passes."""
-    found = find_layers(model, starts[:1])
-    names = [layer.name for layer in found]
-    selected = list(range(len(found))) if layers is None else [names.index(name) for name in layers]
-    return exact_folding(model, starts, ends, found, selected, batch_size)
+    return path_folding(model, starts, ends, layers=layers, batch_size=batch_size, exact=True)
 
 
 def assert_same_walk(result: FoldingResult, dense: FoldingResult) -> None:
@@ -381,8 +377,12 @@ def test_hidden_non_linearity_raises_naming_the_next_layer(operation: str) -> No
         exact(model, starts, ends)
 
 
-def test_autocast_raises() -> None:
-    model = relu_mlp()
-    starts, ends = random_pairs((2,), 3.0, seed=17)
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="autocast"):
-        exact(model, starts, ends)
+def test_exact_ignores_autocast_and_rejects_distances() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    starts, ends = torch.randn(2, 4, 3) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = exact(model, starts, ends)
+    assert torch.equal(under_autocast.chi, exact(model, starts, ends).chi)
+    with pytest.raises(ValueError, match="return_distances"):
+        path_folding(model, starts, ends, exact=True, return_distances=True)

@@ -16,8 +16,12 @@ def load(name: str) -> ModuleType:
     return module
 
 
-def test_measure_trained_mlp(capsys) -> None:
-    results = load("measure_trained_mlp").main(["--epochs", "3", "--pairs", "16", "--steps", "8"])
+def test_measure_trained_mlp(tmp_path: Path, capsys) -> None:
+    figure = tmp_path / "walks.png"
+    results = load("measure_trained_mlp").main(
+        ["--epochs", "3", "--pairs", "16", "--steps", "8", "--figure", str(figure)]
+    )
+    assert figure.stat().st_size > 10_000
     assert 0.5 < results["accuracy"] <= 1.0
     assert 0.0 <= results["folding"] < 1.0
     assert "| whole network |" in capsys.readouterr().out

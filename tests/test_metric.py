@@ -174,17 +174,13 @@ def test_settings_reach_path_folding() -> None:
     torch.testing.assert_close(values["folding"], expected.chi.mean())
 
 
-@pytest.mark.parametrize("exact", [False, True])
-def test_exact_is_passed_only_when_requested(monkeypatch: pytest.MonkeyPatch, exact: bool) -> None:
-    calls: list[dict[str, Any]] = []
-
-    def recording_path_folding(*args: Any, **kwargs: Any) -> FoldingResult:
-        calls.append(kwargs)
-        return make_result([0.5], [[0.5]])
-
-    monkeypatch.setattr(metric_module, "path_folding", recording_path_folding)
-    SpaceFolding(steps=7, exact=exact, batch_size=33).update(small_mlp(), *model_paths(1))
-    assert calls == [{"steps": 7, "layers": None, "batch_size": 33, **({"exact": True} if exact else {})}]
+def test_exact_update_equals_exact_path_folding() -> None:
+    model = small_mlp().double()
+    starts, ends = (part.double() for part in model_paths(6))
+    metric = SpaceFolding(exact=True)
+    metric.update(model, starts, ends)
+    expected = path_folding(model, starts, ends, exact=True)
+    torch.testing.assert_close(metric.compute()["folding"], expected.chi.mean().to(metric.dtype))
 
 
 def test_update_from_result_accumulates() -> None:
