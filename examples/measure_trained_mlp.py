@@ -17,8 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from digits import digits_split, train_mlp
 
-from lightning_spacefold import path_folding
+from lightning_spacefold import fold_measure, path_folding, path_patterns
 from lightning_spacefold.figures import distance_figure
+from lightning_spacefold.measure import step_distances
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -49,9 +50,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"| {name} | {chi.mean().item():.4f} | {chi.gt(0).float().mean().item():.0%} |")
     if args.figure is not None:
         most = result.chi.argsort(descending=True)[:4]
-        walks = path_folding(model, starts[most], ends[most], steps=args.steps, return_distances=True)
+        patterns = path_patterns(model, starts[most], ends[most], steps=args.steps)
+        from_start, from_previous = step_distances(patterns, patterns[:, 0])
         args.figure.parent.mkdir(parents=True, exist_ok=True)
-        distance_figure(walks.distances, walks.chi).savefig(args.figure, dpi=110)
+        figure = distance_figure(from_start, from_previous.cumsum(-1), fold_measure(patterns))
+        figure.savefig(args.figure, dpi=110)
     return {"accuracy": accuracy, "folding": result.chi.mean().item()}
 
 

@@ -8,10 +8,13 @@ the trainer's loggers; :mod:`lightning_spacefold.figures` draws.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -21,9 +24,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_spacefold.capture import find_layers
+from lightning_spacefold.checks import is_int, is_real
 from lightning_spacefold.figures import class_pair_figure, distance_figure, layer_figure
-from lightning_spacefold.folding import path_folding, select_layers
+from lightning_spacefold.folding import path_folding, path_patterns, select_layers
 from lightning_spacefold.loss_term import TrainingLossTerm
+from lightning_spacefold.measure import fold_measure, step_distances
 from lightning_spacefold.metric import SpaceFolding
 from lightning_spacefold.regularization import SCHEDULES, folding_penalty, regularization_weight
 from lightning_spacefold.result import FoldingResult
@@ -144,7 +149,7 @@ class SpaceFoldingCallback(Callback):
         reg_pairs: Literal["batch", "probe"] = "batch",
     ) -> None:
         for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and not _is_int(value, minimum=0):
+            if value is not None and not is_int(value, minimum=0):
                 raise ValueError(f"`{name}` must be None or an integer >= 0, got {value!r}.")
         if not (every_n_train_steps or every_n_epochs or measure_at_start):
             raise ValueError(
@@ -161,9 +166,9 @@ class SpaceFoldingCallback(Callback):
             ("reg_num_pairs", reg_num_pairs, 1),
             ("reg_steps", reg_steps, 1),
         ):
-            if not _is_int(value, minimum):
+            if not is_int(value, minimum):
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-        if batch_size is not None and not _is_int(batch_size, 1):
+        if batch_size is not None and not is_int(batch_size, 1):
             raise ValueError(f"`batch_size` must be None or an integer >= 1, got {batch_size!r}.")
         if pairing not in _PAIRINGS:
             raise ValueError(f"`pairing` must be one of {_PAIRINGS}, got {pairing!r}.")
@@ -174,17 +179,17 @@ class SpaceFoldingCallback(Callback):
         if layers is not None and (isinstance(layers, str) or not all(isinstance(name, str) for name in layers)):
             raise TypeError(f"`layers` must be None or a list of layer names, got {layers!r}.")
         for name, value in (("input_key", input_key), ("label_key", label_key)):
-            if not (isinstance(value, str) or _is_int(value, 0) or (value is None and name == "label_key")):
+            if not (isinstance(value, str) or is_int(value, 0) or (value is None and name == "label_key")):
                 raise TypeError(f"`{name}` must be a batch index (int >= 0) or a dict key (str), got {value!r}.")
-        if not _is_int(seed, 0):
+        if not is_int(seed, 0):
             raise ValueError(f"`seed` must be an integer >= 0, got {seed!r}.")
-        if not (isinstance(reg_weight, (int, float)) and math.isfinite(reg_weight) and reg_weight >= 0):
+        if not is_real(reg_weight, 0):
             raise ValueError(f"`reg_weight` must be a finite number >= 0, got {reg_weight!r}.")
         if reg_schedule not in SCHEDULES:
             raise ValueError(f"`reg_schedule` must be one of {SCHEDULES}, got {reg_schedule!r}.")
-        if not (isinstance(reg_until, (int, float)) and 0 < reg_until <= 1):
+        if not (is_real(reg_until, 0, strict=True) and reg_until <= 1):
             raise ValueError(f"`reg_until` must be a fraction of training in (0, 1], got {reg_until!r}.")
-        if not (isinstance(reg_temperature, (int, float)) and math.isfinite(reg_temperature) and reg_temperature > 0):
+        if not is_real(reg_temperature, 0, strict=True):
             raise ValueError(f"`reg_temperature` must be a finite number > 0, got {reg_temperature!r}.")
         if reg_pairs not in _REG_PAIRS:
             raise ValueError(f"`reg_pairs` must be one of {_REG_PAIRS}, got {reg_pairs!r}.")
@@ -226,8 +231,6 @@ class SpaceFoldingCallback(Callback):
         self._num_classes: int | None = None
         self._metric: SpaceFolding | None = None
         self._loss_term: TrainingLossTerm | None = None
-        # Made in setup(): a torch.Generator cannot travel to the processes that ddp_spawn starts.
-        self._reg_generator: torch.Generator | None = None
 
     @property
     def state_key(self) -> str:
@@ -240,27 +243,36 @@ class SpaceFoldingCallback(Callback):
             exact=self.exact,
             layers=self.layers,
             pairing=self.pairing,
+            include_same_class=self.include_same_class,
+            centroids_per_class=self.centroids_per_class,
             probe_source=self.probe_source,
+            probe_dataset=None if self.probe_dataset is None else type(self.probe_dataset).__name__,
             probe_size=self.probe_size,
+            input_key=self.input_key,
+            label_key=self.label_key,
             seed=self.seed,
             regularize=self.regularize,
+            reg_pairs=self.reg_pairs,
+            reg_num_pairs=self.reg_num_pairs,
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Forget the pairs of a previous fit (a checkpoint restored afterwards brings its own)."""
         if stage == "fit":
             self._pairs, self._num_classes, self.latest_step = None, None, None
-            self._reg_generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the probe set and pairs, check the model's layers, and take the first measurement."""
         if self._pairs is None:
-            self._pairs = self._draw_pairs(trainer)
+            with _preserved_rng(pl_module.device):
+                pairs = self._draw_pairs(trainer)
+            # Every process measures the same pairs, also when an iterable dataset is sharded by process.
+            self._pairs = trainer.strategy.broadcast(pairs, src=0)
         labels = self._pairs.start_labels
         if labels is not None:
             self._num_classes = int(torch.cat([labels, self._pairs.end_labels]).max()) + 1
         # A model without supported activations, or an unknown layer name, fails here rather than mid-training.
-        found = find_layers(pl_module, self._pairs.starts[:1].to(pl_module.device))
+        found = find_layers(pl_module, self._inputs(trainer, pl_module, self._pairs.starts[:1]))
         names = [found[index].name for index in select_layers(pl_module, [layer.name for layer in found], self.layers)]
         self._metric = SpaceFolding(num_classes=self._num_classes).to(pl_module.device)
         if not trainer.loggers:
@@ -270,11 +282,7 @@ class SpaceFoldingCallback(Callback):
             )
         self._add_custom_scalars(trainer, names)
         if self.regularize:
-            if self.reg_schedule != "constant" and not math.isfinite(trainer.estimated_stepping_batches):
-                raise ValueError(
-                    f"reg_schedule={self.reg_schedule!r} decays over the training's length, but the trainer has no "
-                    "finite number of steps; set `max_steps` or `max_epochs`, or use reg_schedule='constant'."
-                )
+            self._regularization_weight(trainer)  # an unknown run length fails now if the schedule needs it
             self._loss_term = TrainingLossTerm(
                 pl_module, lambda batch: self._regularization_term(trainer, pl_module, batch)
             )
@@ -286,7 +294,8 @@ class SpaceFoldingCallback(Callback):
     ) -> None:
         """Measure when ``every_n_train_steps`` optimizer steps have passed since the last measurement."""
         step = trainer.global_step
-        if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self.latest_step:
+        # Step 0 belongs to the start measurement; with gradient accumulation it lasts several batches.
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and step != self.latest_step:
             self._measure(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -312,7 +321,6 @@ class SpaceFoldingCallback(Callback):
             "start_labels": None if pairs is None else pairs.start_labels,
             "end_labels": None if pairs is None else pairs.end_labels,
             "latest_step": self.latest_step,
-            "reg_generator": None if self._reg_generator is None else self._reg_generator.get_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -322,8 +330,6 @@ class SpaceFoldingCallback(Callback):
                 state_dict["starts"], state_dict["ends"], state_dict["start_labels"], state_dict["end_labels"]
             )
         self.latest_step = state_dict["latest_step"]
-        if state_dict["reg_generator"] is not None and self._reg_generator is not None:
-            self._reg_generator.set_state(state_dict["reg_generator"])
 
     # --- the probe set and the pairs ----------------------------------------------------------------------------
 
@@ -361,9 +367,13 @@ class SpaceFoldingCallback(Callback):
 
     def _source_loader(self, trainer: pl.Trainer) -> DataLoader:
         if self.probe_source == "val":
-            loaders = trainer.val_dataloaders
-            if loaders is not None and _first_loader(loaders) is not None:
-                return _first_loader(loaders)
+            if trainer.val_dataloaders is None and trainer.enable_validation:
+                # Lightning sets the validation data up lazily when the first epoch does not validate.
+                trainer.fit_loop.epoch_loop.val_loop.setup_data()
+                trainer.training = True
+            loader = _first_loader(trainer.val_dataloaders)
+            if loader is not None:
+                return loader
             rank_zero_warn(
                 "SpaceFoldingCallback: the fit has no validation data, so the probe set is drawn from the training "
                 "data. Pass `probe_source='train'` to say so, or `probe_dataset=...` to choose the inputs."
@@ -415,28 +425,45 @@ class SpaceFoldingCallback(Callback):
 
     # --- regularisation ----------------------------------------------------------------------------------------
 
+    def _regularization_weight(self, trainer: pl.Trainer) -> float:
+        total = trainer.estimated_stepping_batches
+        return regularization_weight(
+            trainer.global_step,
+            total if math.isfinite(total) and total >= 1 else math.inf,
+            self.reg_weight,
+            self.reg_schedule,
+            self.reg_until,
+        )
+
     def _regularization_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
         step = trainer.global_step
-        if step % self.reg_every_n_steps:
-            return None
-        weight = regularization_weight(
-            step, trainer.estimated_stepping_batches, self.reg_weight, self.reg_schedule, self.reg_until
-        )
-        if weight == 0:
+        weight = self._regularization_weight(trainer)
+        if step % self.reg_every_n_steps or weight == 0:
             return None
         if self.reg_pairs == "probe":
             assert self._pairs is not None
             few = slice(0, self.reg_num_pairs)
-            starts, ends = self._pairs.starts[few].to(pl_module.device), self._pairs.ends[few].to(pl_module.device)
+            starts = self._inputs(trainer, pl_module, self._pairs.starts[few])
+            ends = self._inputs(trainer, pl_module, self._pairs.ends[few])
         else:
-            pairs = random_pairs(self._split(batch)[0], self.reg_num_pairs, generator=self._reg_generator)
+            inputs = self._split(batch)[0]
+            if len(inputs) < 2:  # a last batch of one sample has no pair
+                return None
+            # Seeded by step and process: reproducible, and a resumed fit draws what an uninterrupted one would.
+            generator = torch.Generator().manual_seed(hash((self.seed, trainer.global_rank, step)) % 2**62)
+            pairs = random_pairs(inputs, self.reg_num_pairs, generator=generator)
             starts, ends = pairs.starts, pairs.ends
         term = folding_penalty(
             pl_module, starts, ends, weight, steps=self.reg_steps, temperature=self.reg_temperature, layers=self.layers
         )
-        pl_module.log(f"{PREFIX}/reg_term", term.detach(), on_step=True, on_epoch=False)
+        pl_module.log(f"{PREFIX}/reg_term", term.detach().float(), on_step=True, on_epoch=False)
         pl_module.log(f"{PREFIX}/reg_weight", float(weight), on_step=True, on_epoch=False)
         return term
+
+    @staticmethod
+    def _inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
+        """Probe inputs as the model takes them: on its device, in the precision's dtype (e.g. ``bf16-true``)."""
+        return trainer.precision_plugin.convert_input(inputs.to(pl_module.device))
 
     def _remove_loss_term(self) -> None:
         if self._loss_term is not None:
@@ -449,26 +476,29 @@ class SpaceFoldingCallback(Callback):
         assert self._pairs is not None and self._metric is not None
         device = pl_module.device
         share = torch.arange(len(self._pairs)).tensor_split(trainer.world_size)[trainer.global_rank]
-        starts, ends = self._pairs.starts[share].to(device), self._pairs.ends[share].to(device)
-        # The trainer's precision measures the network as it trains; fork_rng keeps the training run's RNG intact
-        # whatever the model's forward does in eval mode.
-        with _forked_rng(device), trainer.precision_plugin.forward_context():
-            result = path_folding(
-                pl_module,
-                starts,
-                ends,
-                steps=self.steps,
-                layers=self.layers,
-                batch_size=self.batch_size,
-                exact=self.exact,
-            )
-        labels = self._pairs.start_labels
+        starts = self._inputs(trainer, pl_module, self._pairs.starts[share])
+        ends = self._inputs(trainer, pl_module, self._pairs.ends[share])
         self._metric.reset()
-        self._metric.update_from_result(
-            result,
-            None if labels is None else labels[share].to(device),
-            None if labels is None else self._pairs.end_labels[share].to(device),
-        )
+        # The trainer's precision measures the network as it trains; the RNG is preserved whatever the model's
+        # forward does in eval mode. A process without pairs (fewer pairs than processes) still joins the sync.
+        result = None
+        if len(share) > 0:
+            with _preserved_rng(device), trainer.precision_plugin.forward_context():
+                result = path_folding(
+                    pl_module,
+                    starts,
+                    ends,
+                    steps=self.steps,
+                    layers=self.layers,
+                    batch_size=self.batch_size,
+                    exact=self.exact,
+                )
+            labels = self._pairs.start_labels
+            self._metric.update_from_result(
+                result,
+                None if labels is None else labels[share].to(device),
+                None if labels is None else self._pairs.end_labels[share].to(device),
+            )
         values = self._metric.compute()
         with self._metric.sync_context():
             all_chi = dim_zero_cat(self._metric.chi).clone()
@@ -476,7 +506,8 @@ class SpaceFoldingCallback(Callback):
         scalars = {f"{PREFIX}/{name}": value.item() for name, value in values.items() if value.ndim == 0}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
-        self._log_tensorboard(trainer, pl_module, values, all_chi, result.layer_names, step)
+        layer_names = [name.removeprefix("layer/") for name in values if name.startswith("layer/")]
+        self._log_tensorboard(trainer, pl_module, values, all_chi, layer_names, step)
         self.latest_metrics, self.latest_step, self.latest_result = scalars, step, result
 
     @rank_zero_only
@@ -497,17 +528,16 @@ class SpaceFoldingCallback(Callback):
             assert self._pairs is not None
             few = slice(0, self.num_example_paths)
             device = pl_module.device
-            with _forked_rng(device), trainer.precision_plugin.forward_context():
-                examples = path_folding(
+            with _preserved_rng(device), trainer.precision_plugin.forward_context():
+                patterns = path_patterns(
                     pl_module,
-                    self._pairs.starts[few].to(device),
-                    self._pairs.ends[few].to(device),
+                    self._inputs(trainer, pl_module, self._pairs.starts[few]),
+                    self._inputs(trainer, pl_module, self._pairs.ends[few]),
                     steps=self.steps,
                     layers=self.layers,
-                    batch_size=self.batch_size,
-                    return_distances=True,
                 )
-            figures["example_paths"] = distance_figure(examples.distances, examples.chi)
+            from_start, from_previous = step_distances(patterns, patterns[:, 0])
+            figures["example_paths"] = distance_figure(from_start, from_previous.cumsum(-1), fold_measure(patterns))
             figures["layers"] = layer_figure(layer_names, torch.stack([values[f"layer/{n}"] for n in layer_names]))
             if "class_pair_folding" in values:
                 figures["class_pairs"] = class_pair_figure(values["class_pair_folding"])
@@ -531,10 +561,6 @@ class SpaceFoldingCallback(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(layout)
-
-
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _first_loader(loaders: Any) -> DataLoader | None:
@@ -561,20 +587,26 @@ def _draw(dataset: Any, collate: Any, size: int, seed: int, loader: DataLoader |
     if loader is None:
         raise TypeError("`probe_dataset` must be a map-style dataset (with __len__ and __getitem__).")
     batches, count = [], 0
-    with torch.random.fork_rng(devices=[]):  # a shuffling loader must not advance the training run's RNG
-        for batch in loader:
-            batches.append(batch)
-            count += len(_first_tensor(batch))
-            if count >= size:
-                break
+    for batch in loader:
+        batches.append(batch)
+        first = _first_tensor(batch)
+        if first is None:
+            raise TypeError(f"SpaceFoldingCallback found no tensor in a probe batch of type {type(batch).__name__}.")
+        count += len(first)
+        if count >= size:
+            break
     return _concatenate(batches, size)
 
 
-def _first_tensor(batch: Any) -> Tensor:
+def _first_tensor(batch: Any) -> Tensor | None:
+    """The first tensor in a batch of nested tuples, lists and dicts (for its length), or ``None``."""
     if isinstance(batch, Tensor):
         return batch
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    return next(_first_tensor(item) for item in items if isinstance(item, (Tensor, Mapping, Sequence)))
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)):
+        return None
+    return next((tensor for tensor in map(_first_tensor, batch) if tensor is not None), None)
 
 
 def _concatenate(batches: list[Any], size: int) -> Any:
@@ -588,5 +620,13 @@ def _concatenate(batches: list[Any], size: int) -> Any:
     return first
 
 
-def _forked_rng(device: torch.device) -> Any:
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+@contextmanager
+def _preserved_rng(device: torch.device) -> Iterator[None]:
+    """Run the block without touching the training run's random state: torch (CPU and the device), Python, NumPy."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)

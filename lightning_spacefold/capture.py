@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "LayerInfo",
     "capture_activations",
     "find_layers",
+    "has_functional_layers",
     "register_activation",
 ]
 
@@ -207,6 +208,10 @@ class _Capture:
     def names(self) -> list[str]:
         return _unique_names(self.base_names)
 
+    def reset(self) -> None:
+        """Forget the last forward pass."""
+        self.base_names, self.activations, self.values = [], [], []
+
 
 class _FunctionalActivations(TorchFunctionMode):
     def __init__(self, capture: _Capture) -> None:
@@ -229,6 +234,7 @@ def capture_activations(
     model: nn.Module,
     transform: Callable[[int, Tensor, ActivationRule], Any],
     select: frozenset[int] | None = None,
+    functional: bool = True,
 ) -> Iterator[_Capture]:
     """Capture the pre-activation of every activation layer in the forward passes run inside the block.
 
@@ -241,27 +247,32 @@ def capture_activations(
         model: The network.
         transform: Applied to each pre-activation at the moment of the call, so nothing else is kept alive.
         select: Indices (in forward order) of the layers to transform; ``None`` for all.
+        functional: Also capture activations called functionally. That takes a ``TorchFunctionMode`` and a hook
+            on every module (to name the calls); pass ``False`` when :func:`find_layers` found none, to save the
+            overhead.
 
     Yields:
         The capture state.
     """
     capture = _Capture(transform, select)
     handles = []
-
-    def reset() -> None:
-        capture.base_names, capture.activations, capture.values = [], [], []
-
-    capture.reset = reset  # type: ignore[attr-defined]
     try:
         for qualified_name, module in model.named_modules():
             rule = _module_rule(module)
+            if rule is None and not functional:
+                continue
             handles.append(module.register_forward_pre_hook(_enter_hook(capture, qualified_name, module, rule)))
             handles.append(module.register_forward_hook(_exit_hook(capture, rule), always_call=True))
-        with _FunctionalActivations(capture):
+        with _FunctionalActivations(capture) if functional else nullcontext():
             yield capture
     finally:
         for handle in handles:
             handle.remove()
+
+
+def has_functional_layers(layers: list[LayerInfo]) -> bool:
+    """Whether any of the layers is a functional call (so capturing needs ``functional=True``)."""
+    return any(layer.activation.startswith("F.") for layer in layers)
 
 
 def _enter_hook(

@@ -74,6 +74,7 @@ from lightning_spacefold.capture import (
     capture_activations,
     check_batch_first,
     evaluation_mode,
+    has_functional_layers,
 )
 from lightning_spacefold.measure import folding_from_ranges, pack_bits, step_distances, unpack_bits
 from lightning_spacefold.result import FoldingResult
@@ -529,7 +530,10 @@ def exact_folding(
         _require_piecewise_linear(model, starts[:1], layers, last)
         probe = _Probe(layers, selected, last, device, starts.dtype)
         measured = frozenset(range(last + 1))  # later layers cannot change the result
-        with capture_activations(model, probe.add_layer, measured) as capture, _MaxPoolWatch(probe):
+        with (
+            capture_activations(model, probe.add_layer, measured, has_functional_layers(layers)) as capture,
+            _MaxPoolWatch(probe),
+        ):
 
             def evaluate(path: Tensor, t: Tensor) -> _Points:
                 return _evaluate(model, capture, probe, segments, path, t, batch_size, starts.dtype, len(layers))

@@ -15,23 +15,30 @@ from torch import Tensor
 __all__ = ["class_pair_figure", "distance_figure", "layer_figure"]
 
 
-def distance_figure(distances: Tensor, chi: Tensor) -> Figure:
-    """Hamming distance from the start along a few example paths: the walks whose range and length give chi.
+def distance_figure(from_start: Tensor, walked: Tensor, chi: Tensor) -> Figure:
+    """The walks of a few paths on the Hamming cube: how far each gets from its start, and how far it has walked.
+
+    The highest point of a solid line is the path's range ``r1``, the end of its dashed line the length ``r2``,
+    and ``chi = 1 - r1 / r2``: a path folds when its walk is longer than the farthest distance it reaches.
 
     Args:
-        distances: ``[P, N]`` distance from each path's start at each of its N points.
+        from_start: ``[P, N]`` Hamming distance from each path's start at each of its N points.
+        walked: ``[P, N]`` length walked so far (cumulative Hamming distance between consecutive points).
         chi: ``[P]`` folding of each path, shown in the legend.
 
     Returns:
         The figure.
     """
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    figure = Figure(figsize=(6.5, 4), layout="constrained")
     axes = figure.add_subplot()
-    t = torch.linspace(0, 1, distances.shape[-1])
-    for index, (path, value) in enumerate(zip(distances.cpu(), chi.cpu(), strict=True)):
-        axes.plot(t, path, drawstyle="steps-post", label=f"path {index}: chi = {value:.3f}")
+    t = torch.linspace(0, 1, from_start.shape[-1])
+    for index, (distance, length, value) in enumerate(zip(from_start.cpu(), walked.cpu(), chi.cpu(), strict=True)):
+        colour = f"C{index}"
+        axes.plot(t, distance, drawstyle="steps-post", color=colour, label=f"path {index}: chi = {value:.3f}")
+        axes.plot(t, length, drawstyle="steps-post", color=colour, linestyle="--", alpha=0.6)
     axes.set_xlabel("t along the segment")
-    axes.set_ylabel("Hamming distance from the start")
+    axes.set_ylabel("Hamming distance")
+    axes.set_title("solid: distance from the start (max = r1); dashed: length walked (end = r2)", fontsize="small")
     axes.legend(fontsize="small")
     return figure
 

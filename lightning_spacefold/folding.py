@@ -20,7 +20,9 @@ from lightning_spacefold.capture import (
     check_batch_first,
     evaluation_mode,
     find_layers,
+    has_functional_layers,
 )
+from lightning_spacefold.checks import is_int
 from lightning_spacefold.exact import exact_folding
 from lightning_spacefold.measure import folding_from_ranges, pack_bits, step_distances, unpack_bits
 from lightning_spacefold.result import FoldingResult
@@ -175,7 +177,9 @@ def path_folding(
         for first in range(0, num_paths, group_size):
             group = slice(first, first + group_size)
             walk = _Walk(names, len(starts[group]), starts.device)
-            with capture_activations(model, walk.add_layer, frozenset(selected)) as capture:
+            with capture_activations(
+                model, walk.add_layer, frozenset(selected), has_functional_layers(found)
+            ) as capture:
                 for begin in range(0, num_points, chunk_size):
                     chunk_t = t[begin : begin + chunk_size]
                     walk.chunk_points = len(chunk_t)
@@ -237,7 +241,9 @@ def path_patterns(
     t = torch.arange(steps + 1, dtype=torch.float64, device=starts.device) / steps
     with (
         evaluation_mode(model),
-        capture_activations(model, lambda _position, z, rule: rule.bits(z).flatten(1), frozenset(selected)) as capture,
+        capture_activations(
+            model, lambda _position, z, rule: rule.bits(z).flatten(1), frozenset(selected), has_functional_layers(found)
+        ) as capture,
     ):
         model(segment_points(starts, ends, t))
     return torch.cat(capture.values, dim=1).unflatten(0, (len(starts), steps + 1))
@@ -277,9 +283,9 @@ def check_path_arguments(model: nn.Module, starts: Tensor, ends: Tensor, steps: 
         raise ValueError(
             "`starts` and `ends` must be finite; found NaN or infinity. Clean the inputs before measuring."
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps, 1):
         raise ValueError(f"`steps` must be an integer >= 1 (segments per path), got {steps!r}.")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and not is_int(batch_size, 1):
         raise ValueError(f"`batch_size` must be None or an integer >= 1 (points per forward pass), got {batch_size!r}.")
 
 

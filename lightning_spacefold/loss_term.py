@@ -42,12 +42,13 @@ class TrainingLossTerm:
             )
         self.module = module
         self._shadowed = module.__dict__.get("training_step")
+        self._active = True
         original = module.training_step
 
         @functools.wraps(original)
         def training_step(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
-            if output is None:
+            if output is None or not self._active:
                 return output
             extra = term(args[0] if args else kwargs["batch"])
             if extra is None:
@@ -61,11 +62,24 @@ class TrainingLossTerm:
                 "the 'loss' of a dict."
             )
 
+        training_step.loss_term = self  # type: ignore[attr-defined]
+        self._wrapper = training_step
         module.training_step = training_step  # type: ignore[method-assign]
 
     def remove(self) -> None:
-        """Give the module its own ``training_step`` back."""
-        if self._shadowed is None:
-            self.module.__dict__.pop("training_step", None)
+        """Stop adding the term and give the module its ``training_step`` back.
+
+        When another wrapper was put on top of this one since, that wrapper stays and this one only stops adding
+        its term (so the two can be removed in any order).
+        """
+        self._active = False
+        if self.module.__dict__.get("training_step") is not self._wrapper:
+            return
+        restored = self._shadowed
+        # Wrappers under this one that were removed already go too.
+        while restored is not None and not getattr(getattr(restored, "loss_term", None), "_active", True):
+            restored = restored.loss_term._shadowed
+        if restored is None:
+            del self.module.__dict__["training_step"]
         else:
-            self.module.training_step = self._shadowed  # type: ignore[method-assign]
+            self.module.training_step = restored  # type: ignore[method-assign]

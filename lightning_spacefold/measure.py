@@ -15,6 +15,7 @@ __all__ = [
     "fold_measure",
     "fold_ranges",
     "folding_from_ranges",
+    "count_ones",
     "interaction_profile",
     "pack_bits",
     "step_distances",
@@ -64,6 +65,36 @@ def unpack_bits(packed: Tensor, num_units: int) -> Tensor:
     return ((packed.unsqueeze(-1) & weights) != 0).flatten(-2)[..., :num_units]
 
 
+def count_ones(bits: Tensor) -> Tensor:
+    """Number of ``True`` values along the last dimension of a boolean tensor.
+
+    Summing bytes one by one is the slowest step of a measurement on CPU, so eight 0/1 bytes are added at once as
+    the byte lanes of one int64 word. A lane holds at most 255 before it would carry into the next one, so words
+    are added in blocks of 255 and the lanes of the block sums last. Exact; falls back to a plain sum when the last
+    dimension is not a multiple of 8 or not contiguous.
+
+    Args:
+        bits: Boolean tensor ``[..., M]``.
+
+    Returns:
+        ``int64`` counts ``[...]``.
+    """
+    width = bits.shape[-1]
+    if (
+        width % 8
+        or bits.stride(-1) != 1
+        or bits.storage_offset() % 8
+        or any(stride % 8 for stride in bits.stride()[:-1])
+    ):
+        return bits.sum(-1, dtype=torch.int64)
+    words = bits.view(torch.int64)
+    whole = words.shape[-1] // 255 * 255
+    lanes = torch.cat(
+        [words[..., :whole].unflatten(-1, (-1, 255)).sum(-1), words[..., whole:].sum(-1, keepdim=True)], dim=-1
+    )
+    return lanes.view(torch.uint8).sum(-1, dtype=torch.int64)
+
+
 def step_distances(patterns: Tensor, start: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Hamming distances of each pattern to the path's start and to the pattern before it.
 
@@ -76,17 +107,12 @@ def step_distances(patterns: Tensor, start: Tensor, previous: Tensor | None = No
             the path (its first point then has no predecessor and adds 0 to the length).
 
     Returns:
-        ``(from_start, from_previous)``, both ``int32`` ``[..., K]``.
+        ``(from_start, from_previous)``, both ``int64`` ``[..., K]``.
     """
-    # XOR then a 32-bit sum: several times faster than `!=` and a default (64-bit) sum of booleans on CPU.
-    from_start = (patterns ^ start.unsqueeze(-2)).sum(-1, dtype=torch.int32)
+    from_start = count_ones(patterns ^ start.unsqueeze(-2))
     before = patterns[..., :1, :] if previous is None else previous.unsqueeze(-2)
     from_previous = torch.cat(
-        [
-            (patterns[..., :1, :] ^ before).sum(-1, dtype=torch.int32),
-            (patterns[..., 1:, :] ^ patterns[..., :-1, :]).sum(-1, dtype=torch.int32),
-        ],
-        dim=-1,
+        [count_ones(patterns[..., :1, :] ^ before), count_ones(patterns[..., 1:, :] ^ patterns[..., :-1, :])], dim=-1
     )
     return from_start, from_previous
 
@@ -99,9 +125,10 @@ def folding_from_ranges(r1: Tensor, r2: Tensor) -> Tensor:
         r2: Length of each path (sum of Hamming distances between consecutive patterns).
 
     Returns:
-        Folding in the default floating dtype, same shape as the inputs.
+        Folding in the default floating dtype (at least float32), same shape as the inputs.
     """
-    dtype = torch.get_default_dtype()
+    # At least float32, also where a precision plugin made bfloat16 the default (chi = 7/9 would read 0.7773).
+    dtype = torch.promote_types(torch.get_default_dtype(), torch.float32)
     r1, r2 = r1.to(dtype), r2.to(dtype)
     return torch.where(r2 > 0, 1 - r1 / r2.clamp_min(1), torch.zeros_like(r2))
 

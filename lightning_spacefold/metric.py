@@ -19,6 +19,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.imports import _MATPLOTLIB_AVAILABLE
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
+from lightning_spacefold.checks import is_int
 from lightning_spacefold.folding import path_folding
 from lightning_spacefold.result import FoldingResult
 
@@ -133,7 +134,7 @@ class SpaceFolding(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not _is_positive_int(steps):
+        if not is_int(steps, 1):
             raise ValueError(f"Expected argument `steps` to be an integer >= 1 (segments per path), got {steps!r}.")
         if not isinstance(exact, bool):
             raise TypeError(f"Expected argument `exact` to be a bool, got {exact!r}.")
@@ -143,9 +144,9 @@ class SpaceFolding(Metric):
             if len(layers) == 0:
                 raise ValueError("Expected argument `layers` to name at least one layer, or to be None for all.")
             layers = list(layers)
-        if batch_size is not None and not _is_positive_int(batch_size):
+        if batch_size is not None and not is_int(batch_size, 1):
             raise ValueError(f"Expected argument `batch_size` to be None or an integer >= 1, got {batch_size!r}.")
-        if num_classes is not None and not _is_positive_int(num_classes):
+        if num_classes is not None and not is_int(num_classes, 1):
             raise ValueError(f"Expected argument `num_classes` to be None or an integer >= 1, got {num_classes!r}.")
         self.steps = steps
         self.exact = exact
@@ -354,10 +355,6 @@ class SpaceFolding(Metric):
         if labels is not None:
             self.class_pair_sum.index_put_(labels, chi, accumulate=True)
             self.class_pair_count.index_put_(labels, torch.ones_like(labels[0]), accumulate=True)
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _encode_names(names: list[str], device: torch.device, dtype: torch.dtype) -> Tensor:

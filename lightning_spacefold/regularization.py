@@ -64,7 +64,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from lightning_spacefold.capture import ActivationRule, capture_activations, check_batch_first, find_layers
+from lightning_spacefold.capture import (
+    ActivationRule,
+    capture_activations,
+    check_batch_first,
+    find_layers,
+    has_functional_layers,
+)
 from lightning_spacefold.folding import check_path_arguments, segment_points, select_layers
 
 __all__ = ["SCHEDULES", "folding_penalty", "regularization_weight", "soft_folding"]
@@ -138,7 +144,10 @@ def soft_folding(
         return torch.sigmoid(z / scale.clamp_min(torch.finfo(dtype).tiny))
 
     t = torch.arange(num_points, dtype=torch.float64, device=starts.device) / steps
-    with _frozen_running_statistics(model), capture_activations(model, soft_bits, frozenset(selected)) as capture:
+    with (
+        _frozen_running_statistics(model),
+        capture_activations(model, soft_bits, frozenset(selected), has_functional_layers(found)) as capture,
+    ):
         model(segment_points(starts, ends, t))
     bits = torch.cat(capture.values, dim=-1)  # [P, steps + 1, units]
 
@@ -170,7 +179,7 @@ def folding_penalty(model: nn.Module, starts: Tensor, ends: Tensor, weight: floa
 
 
 def regularization_weight(
-    step: int, total_steps: int, weight: float, schedule: str = "constant", until: float = 1.0
+    step: int, total_steps: int | float, weight: float, schedule: str = "constant", until: float = 1.0
 ) -> float:
     """The regularisation weight at a training step, for a schedule that applies folding mostly early.
 
@@ -183,7 +192,8 @@ def regularization_weight(
 
     Args:
         step: The current step, from 0.
-        total_steps: The number of steps of the run.
+        total_steps: The number of steps of the run, or ``math.inf`` when unknown (only for ``"constant"`` with
+            ``until = 1``).
         weight: The weight at step 0.
         schedule: One of ``"constant"``, ``"linear"``, ``"cosine"``.
         until: Fraction of the run, in ``(0, 1]``, after which the weight is 0.
@@ -196,7 +206,10 @@ def regularization_weight(
         ValueError: For ``step < 0``, ``total_steps < 1``, a non-finite weight, an unknown schedule or ``until``
             outside ``(0, 1]``.
     """
+    unknown_length = total_steps == math.inf
     for name, value, least in (("step", step, 0), ("total_steps", total_steps, 1)):
+        if name == "total_steps" and unknown_length:
+            continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"`{name}` must be an integer, got {value!r}.")
         if value < least:
@@ -207,6 +220,11 @@ def regularization_weight(
     _check_real("until", until)
     if not 0 < until <= 1:
         raise ValueError(f"`until` must be a fraction of the run in (0, 1], got {until!r}.")
+    if unknown_length and (schedule != "constant" or until < 1):
+        raise ValueError(
+            f"schedule={schedule!r} with until={until} needs the run's length, but total_steps is unknown (inf); "
+            "set a finite number of steps or epochs, or use schedule='constant' with until=1."
+        )
 
     progress = step / (until * total_steps)
     if schedule == "constant":

@@ -27,6 +27,8 @@ from typing import TypeAlias
 import torch
 from torch import Tensor
 
+from lightning_spacefold.checks import is_int
+
 __all__ = [
     "GeneratorLike",
     "PairBatch",
@@ -334,7 +336,7 @@ def _check_non_negative_int(value: int, name: str) -> None:
 
 
 def _check_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import random
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -285,3 +287,90 @@ def test_ddp_two_processes_log_the_same_values_as_one(tmp_path: Path, pairing: s
         assert logged[0][step].keys() == logged[1][step].keys()
         for key, value in logged[0][step].items():
             assert logged[1][step][key] == pytest.approx(value, abs=1e-6), (step, key)
+
+
+def test_ddp_process_without_pairs_joins_the_sync(tmp_path: Path) -> None:
+    logged = []
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        torch.manual_seed(0)
+        callback = SpaceFoldingCallback(
+            every_n_train_steps=2, num_pairs=1, steps=16, probe_size=30, pairing="random", log_figures=False
+        )
+        directory = tmp_path / f"devices{devices}"
+        trainer(directory, callback, max_steps=2, devices=devices, strategy=strategy, logger=CSVLogger(directory)).fit(
+            Classifier(lr=0.0), datamodule=Blobs()
+        )
+        logged.append(read_csv_metrics(directory))
+    assert set(logged[0]) == set(logged[1]) == {0, 2}
+    for step, values in logged[0].items():
+        assert logged[1][step] == pytest.approx(values)
+
+
+def test_bf16_true_precision(tmp_path: Path) -> None:
+    callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=9, steps=16, probe_size=30)
+    trainer(tmp_path, callback, max_steps=3, precision="bf16-true").fit(Classifier(), datamodule=Blobs())
+    assert callback.latest_result.chi.dtype == torch.float32
+    assert 0 <= callback.latest_metrics["spacefold/folding"] < 1
+
+
+class NoisyBlobs(torch.utils.data.Dataset):
+    """Training data with random augmentation from torch, Python and NumPy."""
+
+    def __init__(self) -> None:
+        self.data = blobs(96, 0)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data[index]
+        noise = torch.randn(8) * 0.1 + random.random() * 0.1 + float(np.random.rand()) * 0.1
+        return x + noise, y
+
+
+def test_drawing_from_augmented_training_data_does_not_change_training(tmp_path: Path) -> None:
+    class Noisy(Blobs):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(NoisyBlobs(), batch_size=8, shuffle=True)
+
+    results = []
+    for callback in (None, SpaceFoldingCallback(every_n_train_steps=2, num_pairs=6, steps=8, probe_source="train")):
+        pl.seed_everything(0)
+        model = Classifier(normalise=True)
+        trainer(tmp_path, callback, logger=False).fit(model, datamodule=Noisy())
+        results.append({key: value.clone() for key, value in model.state_dict().items()})
+    assert all(torch.equal(results[0][key], results[1][key]) for key in results[0])
+
+
+def test_probe_comes_from_validation_data_that_the_first_epoch_does_not_use(tmp_path: Path) -> None:
+    callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=6, steps=8, probe_size=48, pairing="random")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, callback, max_steps=3, check_val_every_n_epoch=2).fit(Classifier(), datamodule=Blobs())
+    assert not [warning for warning in caught if "no validation data" in str(warning.message)]
+    validation = blobs(48, 1).tensors[0]
+    assert all((validation == start).all(-1).any() for start in callback._pairs.starts)
+
+
+def test_measure_at_start_false_with_gradient_accumulation(tmp_path: Path) -> None:
+    callback = SpaceFoldingCallback(
+        every_n_train_steps=2, measure_at_start=False, num_pairs=6, steps=8, probe_size=20, log_figures=False
+    )
+    trainer(tmp_path, callback, max_steps=4, accumulate_grad_batches=3).fit(Classifier(), datamodule=Blobs())
+    assert scalar_steps(tmp_path / "tb" / "version_0", "spacefold/folding") == [2, 4]
+
+
+def test_state_key_tells_configurations_apart() -> None:
+    keys = {
+        SpaceFoldingCallback(pairing="centroid", centroids_per_class=3).state_key,
+        SpaceFoldingCallback(pairing="centroid", centroids_per_class=5).state_key,
+        SpaceFoldingCallback(pairing="centroid", centroids_per_class=5, include_same_class=False).state_key,
+        SpaceFoldingCallback(label_key="y", input_key="x").state_key,
+    }
+    assert len(keys) == 4
+
+
+def test_iterable_probe_batches_with_strings() -> None:
+    from lightning_spacefold.callback import _first_tensor
+
+    assert _first_tensor({"id": ["a", "b"], "x": torch.ones(2, 3)}).shape == (2, 3)

@@ -154,3 +154,29 @@ def test_ddp_two_processes_give_the_same_update(tmp_path: Path) -> None:
     distributed = parameters_after_one_step(tmp_path / "b", 8, devices=2, strategy="ddp_spawn")
     for name, value in single.items():
         torch.testing.assert_close(distributed[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_last_batch_of_one_sample_is_skipped(tmp_path: Path) -> None:
+    class Odd(Blobs):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(torch.utils.data.Subset(blobs(96, 0), range(17)), batch_size=16)
+
+    trainer = fit(tmp_path, Classifier(), regularizing(reg_pairs="batch"), max_steps=2, datamodule=Odd())
+    assert trainer.global_step == 2
+
+
+def test_wrappers_can_be_removed_in_any_order() -> None:
+    from lightning_spacefold.loss_term import TrainingLossTerm
+
+    class Constant(Classifier):
+        def training_step(self, batch, batch_idx):
+            return torch.tensor(1.0)
+
+    module = Constant()
+    first = TrainingLossTerm(module, lambda _batch: torch.tensor(10.0))
+    second = TrainingLossTerm(module, lambda _batch: torch.tensor(100.0))
+    assert module.training_step(None, 0).item() == 111.0
+    first.remove()
+    assert module.training_step(None, 0).item() == 101.0
+    second.remove()
+    assert module.training_step(None, 0).item() == 1.0 and "training_step" not in module.__dict__

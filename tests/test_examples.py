@@ -44,7 +44,8 @@ def test_main_job_from_the_yaml_config(tmp_path: Path, monkeypatch, capsys) -> N
         ]
     )
     callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SpaceFoldingCallback")
-    assert (callback.every_n_train_steps, callback.num_pairs, callback.pairing) == (2, 20, "class")
+    assert (callback.every_n_train_steps, callback.num_pairs, callback.pairing) == (2, 20, "centroid")
+    assert len(callback.latest_result) == 10 * 9 * 3 * 3
     assert callback.latest_step == 4
     output = capsys.readouterr().out
     assert "tensorboard --logdir runs" in output and "| spacefold/folding |" in output

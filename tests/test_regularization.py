@@ -374,3 +374,11 @@ def test_quality_example_quick_run(capsys: pytest.CaptureFixture[str], monkeypat
     assert all(math.isfinite(row.pearson) and math.isfinite(row.spearman) for row in rows)
     assert rows[0].pearson > 0 and 0 <= hard_mean < 1 and hard_seconds > 0
     assert "| temperature | Pearson | Spearman |" in capsys.readouterr().out
+
+
+def test_constant_weight_with_an_unknown_run_length() -> None:
+    import math
+
+    assert regularization_weight(10, math.inf, 0.5) == 0.5
+    with pytest.raises(ValueError, match="needs the run's length"):
+        regularization_weight(10, math.inf, 0.5, "linear")
