@@ -100,7 +100,8 @@ class SpaceFoldingCallback(Callback):
         batch_size: Points per forward pass during a measurement; chosen from the model by default.
         log_histogram: Log a histogram of the per-path chi (TensorBoard).
         log_figures: Log the figures (TensorBoard). They are built on rank 0 only.
-        num_example_paths: Number of paths in the ``example_paths`` figure.
+        num_example_paths: Number of paths in the ``example_paths`` figure: the most folded ones of the measurement
+            (of process 0's share under DDP), sampled at ``steps`` points.
         seed: Seed of the probe set and the pairs; the training run's RNG is not touched.
         regularize: Add the folding regulariser to the training loss.
         reg_weight: Weight lambda of the regulariser (total loss = task loss - lambda * soft folding).
@@ -507,7 +508,7 @@ class SpaceFoldingCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
         layer_names = [name.removeprefix("layer/") for name in values if name.startswith("layer/")]
-        self._log_tensorboard(trainer, pl_module, values, all_chi, layer_names, step)
+        self._log_tensorboard(trainer, pl_module, values, all_chi, layer_names, step, share, result)
         self.latest_metrics, self.latest_step, self.latest_result = scalars, step, result
 
     @rank_zero_only
@@ -519,14 +520,17 @@ class SpaceFoldingCallback(Callback):
         all_chi: Tensor,
         layer_names: list[str],
         step: int,
+        share: Tensor,
+        result: FoldingResult | None,
     ) -> None:
         boards = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         if not boards or not (self.log_histogram or self.log_figures):
             return
         figures = {}
-        if self.log_figures:
+        if self.log_figures and result is not None:
             assert self._pairs is not None
-            few = slice(0, self.num_example_paths)
+            # The most folded of this process's paths: most paths of a network do not fold at all.
+            few = share[result.chi.argsort(descending=True, stable=True)[: self.num_example_paths].cpu()]
             device = pl_module.device
             with _preserved_rng(device), trainer.precision_plugin.forward_context():
                 patterns = path_patterns(
