@@ -23,10 +23,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from torchmetrics.utilities.data import dim_zero_cat
 
-from lightning_spacefold.capture import find_layers
 from lightning_spacefold.checks import is_int, is_real
 from lightning_spacefold.figures import class_pair_figure, distance_figure, layer_figure
-from lightning_spacefold.folding import path_folding, path_patterns, select_layers
+from lightning_spacefold.folding import discover_layers, path_folding, path_patterns, select_layers
 from lightning_spacefold.loss_term import TrainingLossTerm
 from lightning_spacefold.measure import fold_measure, step_distances
 from lightning_spacefold.metric import SpaceFolding
@@ -273,7 +272,12 @@ class SpaceFoldingCallback(Callback):
         if labels is not None:
             self._num_classes = int(torch.cat([labels, self._pairs.end_labels]).max()) + 1
         # A model without supported activations, or an unknown layer name, fails here rather than mid-training.
-        found = find_layers(pl_module, self._inputs(trainer, pl_module, self._pairs.starts[:1]))
+        first = slice(0, 1)
+        found = discover_layers(
+            pl_module,
+            self._inputs(trainer, pl_module, self._pairs.starts[first]),
+            self._inputs(trainer, pl_module, self._pairs.ends[first]),
+        )
         names = [found[index].name for index in select_layers(pl_module, [layer.name for layer in found], self.layers)]
         self._metric = SpaceFolding(num_classes=self._num_classes).to(pl_module.device)
         if not trainer.loggers:

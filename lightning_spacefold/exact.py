@@ -45,7 +45,9 @@ Limits and errors.
   where they meet (and agree entirely when both ends claim the same region), compared on a fixed random projection
   of each layer's pre-activations within :data:`CONSISTENCY_TOLERANCE` relative to its magnitude. A failed check
   raises a ``ValueError`` naming the first layer whose pre-activation is not piecewise linear along the segment;
-  the offending operation lies before it. There is no adaptive refinement: a hidden breakpoint is an error.
+  the offending operation lies before it. There is no adaptive refinement. The check sees the two ends of each
+  interval only: several hidden kinks that cancel within one interval (a narrow bump built from ``abs``, say) can
+  go unnoticed and give a wrong result, so build networks from the supported operations.
 - It runs in the model's own dtype: :func:`~lightning_spacefold.path_folding` switches autocast off around it,
   because a network computed in reduced precision is not exactly piecewise linear.
 - Regions narrower than :data:`TIME_TOLERANCE` along ``t`` are not resolved: crossings closer than that count as
@@ -218,6 +220,9 @@ _MAX_POOLS: dict[Callable[..., Any], int] = {
     F.max_pool1d: 1,
     F.max_pool2d: 2,
     F.max_pool3d: 3,
+    torch.max_pool1d: 1,
+    torch.max_pool2d: 2,
+    torch.max_pool3d: 3,
     F.max_pool1d_with_indices: 1,
     F.max_pool2d_with_indices: 2,
     F.max_pool3d_with_indices: 3,

@@ -30,6 +30,7 @@ from lightning_spacefold.result import FoldingResult
 __all__ = [
     "check_path_arguments",
     "default_batch_size",
+    "discover_layers",
     "path_folding",
     "path_patterns",
     "segment_points",
@@ -38,6 +39,15 @@ __all__ = [
 
 MIN_BATCH_SIZE = 64
 MAX_BATCH_SIZE = 8192
+
+
+def discover_layers(model: nn.Module, starts: Tensor, ends: Tensor) -> list[LayerInfo]:
+    """The model's activation layers, found on the first path's two ends.
+
+    Two inputs rather than one: layers that normalise with the statistics of the batch (BatchNorm without running
+    statistics) fail on a batch of one.
+    """
+    return find_layers(model, torch.cat([starts[:1], ends[:1]]))
 
 
 def segment_points(starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
@@ -157,7 +167,7 @@ def path_folding(
             ``exact`` a model that is not piecewise linear (naming the layer).
     """
     check_path_arguments(model, starts, ends, steps, batch_size)
-    found = find_layers(model, starts[:1])
+    found = discover_layers(model, starts, ends)
     selected = select_layers(model, [layer.name for layer in found], layers)
     names = [found[index].name for index in selected]
     batch_size = default_batch_size(found, starts) if batch_size is None else batch_size
@@ -236,7 +246,7 @@ def path_patterns(
         ValueError: As :func:`path_folding`.
     """
     check_path_arguments(model, starts, ends, steps, None)
-    found = find_layers(model, starts[:1])
+    found = discover_layers(model, starts, ends)
     selected = select_layers(model, [layer.name for layer in found], layers)
     t = torch.arange(steps + 1, dtype=torch.float64, device=starts.device) / steps
     with (

@@ -68,10 +68,9 @@ from lightning_spacefold.capture import (
     ActivationRule,
     capture_activations,
     check_batch_first,
-    find_layers,
     has_functional_layers,
 )
-from lightning_spacefold.folding import check_path_arguments, segment_points, select_layers
+from lightning_spacefold.folding import check_path_arguments, discover_layers, segment_points, select_layers
 
 __all__ = ["SCHEDULES", "folding_penalty", "regularization_weight", "soft_folding"]
 
@@ -123,7 +122,7 @@ def soft_folding(
     check_path_arguments(model, starts, ends, steps, None)
     for name, value in (("temperature", temperature), ("smooth_max", smooth_max), ("eps", eps)):
         _check_positive(name, value)
-    found = find_layers(model, starts[:1])
+    found = discover_layers(model, starts, ends)
     selected = select_layers(model, [layer.name for layer in found], layers)
 
     num_paths, num_points = len(starts), steps + 1
@@ -153,7 +152,8 @@ def soft_folding(
 
     r1 = _smooth_range((bits - bits[:, :1]).abs().sum(-1), smooth_max)
     r2 = (bits[:, 1:] - bits[:, :-1]).abs().sum((1, 2))
-    return (r2 - r1) / (r2 + eps)
+    # r1 <= r2 holds exactly; the clamp removes float rounding below zero (seen down to -1.5e-7).
+    return ((r2 - r1) / (r2 + eps)).clamp_min(0)
 
 
 def folding_penalty(model: nn.Module, starts: Tensor, ends: Tensor, weight: float, **kwargs: Any) -> Tensor:

@@ -188,7 +188,7 @@ def centroid_pairs(
         TypeError: If an argument has the wrong type or dtype.
         ValueError: If ``inputs`` has fewer than 2 samples, ``labels`` has the wrong shape,
             ``centroids_per_class < 1``, ``iterations < 0``, a class has fewer than ``centroids_per_class``
-            samples, or no pair of distinct centroids exists (a single class with ``include_same_class``
+            (distinct) samples, or no pair of distinct centroids exists (a single class with ``include_same_class``
             false or with ``centroids_per_class == 1``).
     """
     _check_inputs(inputs)
@@ -206,8 +206,18 @@ def centroid_pairs(
     _check_min_class_size(
         classes, counts, centroids_per_class, f"lower centroids_per_class (now {centroids_per_class})"
     )
-
     flat = _flatten(inputs)
+    # Fewer distinct points than centroids would give coincident centroids: zero-length paths that never fold.
+    distinct = torch.unique(torch.cat([inverse.to(flat.dtype).unsqueeze(1), flat], dim=1), dim=0)
+    distinct_counts = torch.bincount(distinct[:, 0].long(), minlength=len(classes))
+    _check_min_class_size(
+        classes,
+        distinct_counts,
+        centroids_per_class,
+        f"its samples repeat, so only {int(distinct_counts.min())} distinct point(s) can be centroids; lower "
+        f"centroids_per_class (now {centroids_per_class})",
+    )
+
     by_class, offsets = _group_by_class(inverse, counts)
     sorted_class = inverse[by_class]
     position = torch.arange(len(by_class), device=inputs.device) - offsets[sorted_class]

@@ -386,3 +386,19 @@ def test_exact_ignores_autocast_and_rejects_distances() -> None:
     assert torch.equal(under_autocast.chi, exact(model, starts, ends).chi)
     with pytest.raises(ValueError, match="return_distances"):
         path_folding(model, starts, ends, exact=True, return_distances=True)
+
+
+def test_max_pool_called_directly_on_torch() -> None:
+    class DirectPool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(1, 3, 3, padding=1)
+            self.head = nn.Linear(3 * 4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.head(torch.max_pool1d(self.conv(x), 2).flatten(1)))
+
+    torch.manual_seed(3)
+    model = DirectPool().double()
+    starts, ends = torch.randn(2, 3, 1, 8, dtype=torch.float64) * 2
+    assert_same_walk(exact(model, starts, ends), path_folding(model, starts, ends, steps=DENSE_STEPS))

@@ -155,6 +155,19 @@ def test_under_autocast() -> None:
         result = path_folding(model, torch.tensor([[0.0]]), torch.tensor([[1.0]]), steps=16)
         assert torch.is_autocast_enabled("cpu")
     torch.testing.assert_close(result.chi, torch.tensor([0.25]))
+    # A random float32 network measured under autocast is the bfloat16 network: its walks differ.
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Linear(3, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    starts, ends = torch.randn(2, 8, 3) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = path_folding(network, starts, ends, steps=200)
+    assert not torch.equal(mixed.r2, path_folding(network, starts, ends, steps=200).r2)
+
+
+def test_batch_statistics_normalisation_is_measured() -> None:
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(), nn.Linear(8, 2))
+    result = path_folding(model, torch.randn(1, 3), torch.randn(1, 3), steps=8)
+    assert result.layer_names == ["2"] and result.chi.shape == (1,)
 
 
 def test_leaves_the_model_exactly_as_it_was() -> None:
@@ -205,7 +218,7 @@ def test_hooks_removed_when_the_forward_raises() -> None:
 def test_data_dependent_layers_are_rejected() -> None:
     class Branchy(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.relu(x) if len(x) == 1 else torch.relu(torch.relu(x))
+            return torch.relu(x) if len(x) <= 2 else torch.relu(torch.relu(x))
 
     with pytest.raises(ValueError, match="same layers for every input"):
         path_folding(Branchy(), torch.randn(2, 2), torch.randn(2, 2), steps=4)

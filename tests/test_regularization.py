@@ -105,7 +105,8 @@ def test_one_batched_forward_over_all_points() -> None:
     batches: list[int] = []
     model.register_forward_pre_hook(lambda _module, args: batches.append(len(args[0])))
     soft_folding(model, *pairs(5), steps=7)
-    assert batches[-1] == 5 * 8 and len([b for b in batches if b > 1]) == 1
+    # One forward over all points, after the discovery of the layers on the first path's two ends.
+    assert batches == [2, 5 * 8]
 
 
 # --- agreement with the exact measure, flat paths, hovering ---------------------------------------------------------
@@ -211,7 +212,7 @@ def test_soft_chi_lies_in_unit_interval(seed: int, temperature: float, steps: in
     model = mlp(seed, widths=(3, 8, 8, 8))
     chi = soft_folding(model, *pairs(6, dim=3, seed=seed), steps=steps, temperature=temperature, smooth_max=smooth_max)
     assert chi.shape == (6,) and chi.dtype == torch.float32
-    assert bool(((chi > -1e-6) & (chi < 1)).all())
+    assert bool(((chi >= 0) & (chi < 1)).all())
 
 
 # --- optimisation ---------------------------------------------------------------------------------------------------

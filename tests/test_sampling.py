@@ -351,3 +351,10 @@ Y = torch.tensor([0, 0, 1, 1, 2, 2])
 def test_bad_arguments(call: Callable[[], object], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+def test_centroid_pairs_reject_classes_with_too_few_distinct_points() -> None:
+    points = torch.cat([torch.zeros(5, 2), torch.ones(5, 2), torch.randn(5, 2)])
+    labels = torch.arange(3).repeat_interleave(5)
+    with pytest.raises(ValueError, match="class 0 has 1 sample.*distinct"):
+        centroid_pairs(points, labels, 2)
