@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import random
 import warnings
@@ -64,6 +65,22 @@ class Blobs(pl.LightningDataModule):
         return DataLoader(blobs(48, 1), batch_size=16) if self.validation else []
 
 
+def destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class ProcessGroupCleanup(pl.Callback):
+    """Destroy the gloo process group when a spawned process exits.
+
+    Lightning does this at exit for NCCL only; a gloo group torn down by the interpreter's exit sometimes aborts
+    the process ("terminate called without an active exception"), which fails the test at random.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        atexit.register(destroy_process_group)
+
+
 def trainer(tmp_path: Path, callback: SpaceFoldingCallback | None, **kwargs) -> pl.Trainer:
     defaults = {
         "max_steps": 6,
@@ -77,6 +94,8 @@ def trainer(tmp_path: Path, callback: SpaceFoldingCallback | None, **kwargs) -> 
         "deterministic": True,
     }
     kwargs.setdefault("callbacks", [] if callback is None else [callback])
+    if kwargs.get("strategy") == "ddp_spawn":
+        kwargs["callbacks"] = [*kwargs["callbacks"], ProcessGroupCleanup()]
     return pl.Trainer(**{**defaults, **kwargs})
 
 
