@@ -228,7 +228,6 @@ class SpaceFoldingCallback(Callback):
         self.latest_step: int | None = None
         self.latest_result: FoldingResult | None = None
         self._pairs: PairBatch | None = None
-        self._num_classes: int | None = None
         self._metric: SpaceFolding | None = None
         self._loss_term: TrainingLossTerm | None = None
 
@@ -259,7 +258,7 @@ class SpaceFoldingCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Forget the pairs of a previous fit (a checkpoint restored afterwards brings its own)."""
         if stage == "fit":
-            self._pairs, self._num_classes, self.latest_step = None, None, None
+            self._pairs, self.latest_step = None, None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the probe set and pairs, check the model's layers, and take the first measurement."""
@@ -269,8 +268,7 @@ class SpaceFoldingCallback(Callback):
             # Every process measures the same pairs, also when an iterable dataset is sharded by process.
             self._pairs = trainer.strategy.broadcast(pairs, src=0)
         labels = self._pairs.start_labels
-        if labels is not None:
-            self._num_classes = int(torch.cat([labels, self._pairs.end_labels]).max()) + 1
+        num_classes = None if labels is None else int(torch.cat([labels, self._pairs.end_labels]).max()) + 1
         # A model without supported activations, or an unknown layer name, fails here rather than mid-training.
         first = slice(0, 1)
         found = discover_layers(
@@ -279,7 +277,7 @@ class SpaceFoldingCallback(Callback):
             self._inputs(trainer, pl_module, self._pairs.ends[first]),
         )
         names = [found[index].name for index in select_layers(pl_module, [layer.name for layer in found], self.layers)]
-        self._metric = SpaceFolding(num_classes=self._num_classes).to(pl_module.device)
+        self._metric = SpaceFolding(num_classes=num_classes).to(pl_module.device)
         if not trainer.loggers:
             rank_zero_warn(
                 "SpaceFoldingCallback: the trainer has no logger; measurements are only kept on the callback "

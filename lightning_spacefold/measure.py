@@ -43,6 +43,10 @@ def _as_patterns(patterns: Tensor) -> Tensor:
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+def _bit_weights(device: torch.device) -> Tensor:
+    return torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
+
+
 def pack_bits(bits: Tensor) -> Tensor:
     """Pack boolean patterns eight units to a byte, for storage (the last dimension is padded with zeros).
 
@@ -55,14 +59,12 @@ def pack_bits(bits: Tensor) -> Tensor:
     padding = -bits.shape[-1] % 8
     if padding:
         bits = torch.nn.functional.pad(bits, (0, padding))
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
-    return (bits.unflatten(-1, (-1, 8)).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+    return (bits.unflatten(-1, (-1, 8)).to(torch.uint8) * _bit_weights(bits.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: Tensor, num_units: int) -> Tensor:
     """Boolean patterns ``[..., num_units]`` from :func:`pack_bits` output ``[..., ceil(num_units / 8)]``."""
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) & weights) != 0).flatten(-2)[..., :num_units]
+    return ((packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0).flatten(-2)[..., :num_units]
 
 
 def count_ones(bits: Tensor) -> Tensor:
