@@ -2,6 +2,7 @@
 
 from lightning_spacefold.callback import SpaceFoldingCallback
 from lightning_spacefold.capture import ActivationRule, LayerInfo, find_layers, register_activation
+from lightning_spacefold.finite import NonFiniteError
 from lightning_spacefold.folding import path_folding, path_patterns
 from lightning_spacefold.measure import fold_measure, fold_ranges, interaction_profile, symmetric_fold_measure
 from lightning_spacefold.metric import SpaceFolding
@@ -12,6 +13,7 @@ __all__ = [
     "ActivationRule",
     "FoldingResult",
     "LayerInfo",
+    "NonFiniteError",
     "SpaceFolding",
     "SpaceFoldingCallback",
     "find_layers",

@@ -1,15 +1,17 @@
-"""The Lightning callback: measure folding on a schedule while the network trains, and log it.
+"""The Lightning callback: when to measure folding, on which pairs, and what to do with the values.
 
-Layers, from the top: this callback chooses the probe set and the pairs, schedules and runs measurements through
-:func:`~lightning_spacefold.path_folding` and :class:`~lightning_spacefold.SpaceFolding`, and hands the values to
-the trainer's loggers; :mod:`lightning_spacefold.figures` draws.
+The callback is the story of a run: it draws the probe set and its pairs (:mod:`~lightning_spacefold.probe`),
+measures on a schedule during a fit and once at the end of ``trainer.validate`` / ``trainer.test``, through
+:func:`~lightning_spacefold.path_folding` and :class:`~lightning_spacefold.SpaceFolding`, keeps a failed measurement
+from ending the run (:mod:`~lightning_spacefold.safeguard`), hands the values to the trainer's loggers and the
+TensorBoard views (:mod:`~lightning_spacefold.views`), and adds the regulariser to the loss.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -17,28 +19,30 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import Dataset
 from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_spacefold.checks import is_int, is_real
-from lightning_spacefold.figures import class_pair_figure, distance_figure, layer_figure
-from lightning_spacefold.folding import discover_layers, path_folding, path_patterns, select_layers
+from lightning_spacefold.folding import default_batch_size, discover_layers, path_folding, path_patterns, select_layers
 from lightning_spacefold.loss_term import TrainingLossTerm
-from lightning_spacefold.measure import fold_measure, step_distances
 from lightning_spacefold.metric import SpaceFolding
+from lightning_spacefold.probe import PAIRINGS, PROBE_SOURCES, draw_probe, pair_probe, probe_loader, split_batch
 from lightning_spacefold.regularization import SCHEDULES, folding_penalty, regularization_weight
 from lightning_spacefold.result import FoldingResult
-from lightning_spacefold.sampling import PairBatch, centroid_pairs, class_pairs, random_pairs
+from lightning_spacefold.safeguard import FailureReporter, agree_on_failures, with_memory_backoff
+from lightning_spacefold.sampling import PairBatch, random_pairs
+from lightning_spacefold.views import PREFIX, add_custom_scalars, build_figures, has_tensorboard, log_views
 
 __all__ = ["SpaceFoldingCallback"]
 
-PREFIX = "spacefold"
-_PAIRINGS = ("auto", "random", "class", "centroid")
-_SOURCES = ("val", "train")
 _REG_PAIRS = ("batch", "probe")
+_ON_ERROR = ("warn", "raise")
+# Strategies that gather parameters in every forward pass: all processes must run the same forward passes.
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 class SpaceFoldingCallback(Callback):
@@ -59,8 +63,26 @@ class SpaceFoldingCallback(Callback):
     side by side. After each measurement the values are also in :attr:`latest_metrics` (and the step in
     :attr:`latest_step`, this process's paths in :attr:`latest_result`).
 
+    Measuring a trained model: with ``trainer.validate(...)`` and ``trainer.test(...)`` (also the CLI's ``validate``
+    and ``test`` subcommands with ``--ckpt_path``) the callback measures once at the end of the loop, on a probe set
+    drawn from that loop's dataloader (or ``probe_dataset``), and logs everything above at the model's global step
+    (the checkpoint's step when one is loaded). The validation inside ``fit`` measures only on the schedule.
+
+    Failures: a measurement never ends the run by default (``on_error="warn"``). An out-of-memory error is retried
+    with half the points per forward pass, down to one path's points, and the batch size that worked is kept (and
+    reported once). A measurement that still fails, or finds NaN or infinite values in the network (a diverged
+    run), is reported once per distinct error with a warning and skipped: nothing is logged for that step, the
+    ``latest_*`` attributes keep the previous measurement, the model is left as it was, and training goes on.
+    Configuration errors (no supported activation, an unknown layer, unreadable probe data) always raise, at the
+    start of the fit or evaluation.
+
     Under DDP every process draws the same probe set and pairs, measures its share of the pairs, and the metric's
-    states are synchronised, so the logged values equal those of a single process.
+    states are synchronised, so the logged values equal those of a single process. All processes agree (one small
+    collective) whether a measurement succeeded everywhere before they synchronise, so a failure on one process
+    skips the step on all of them. Every process runs the same number of forward passes of the same size (shares
+    are padded with repeated paths whose results are dropped), as strategies that gather sharded parameters in
+    every forward pass (FSDP, DeepSpeed ZeRO-3) need; ``exact=True``, whose forward passes depend on the data, is
+    rejected under them.
 
     The model is called as ``pl_module(inputs)`` on a batch of probe inputs.
 
@@ -102,6 +124,8 @@ class SpaceFoldingCallback(Callback):
         num_example_paths: Number of paths in the ``example_paths`` figure: the most folded ones of the measurement
             (of process 0's share under DDP), sampled at ``steps`` points.
         seed: Seed of the probe set and the pairs; the training run's RNG is not touched.
+        on_error: What a measurement that fails does: ``warn`` (report it once per distinct error, skip the step and
+            go on training) or ``raise`` (end the run with the error, on every process).
         regularize: Add the folding regulariser to the training loss.
         reg_weight: Weight lambda of the regulariser (total loss = task loss - lambda * soft folding).
         reg_schedule: How the weight changes over training: ``constant``, or ``linear`` / ``cosine`` decay to zero.
@@ -138,6 +162,7 @@ class SpaceFoldingCallback(Callback):
         log_figures: bool = True,
         num_example_paths: int = 4,
         seed: int = 0,
+        on_error: Literal["warn", "raise"] = "warn",
         regularize: bool = False,
         reg_weight: float = 0.01,
         reg_schedule: Literal["constant", "linear", "cosine"] = "constant",
@@ -170,10 +195,10 @@ class SpaceFoldingCallback(Callback):
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
         if batch_size is not None and not is_int(batch_size, 1):
             raise ValueError(f"`batch_size` must be None or an integer >= 1, got {batch_size!r}.")
-        if pairing not in _PAIRINGS:
-            raise ValueError(f"`pairing` must be one of {_PAIRINGS}, got {pairing!r}.")
-        if probe_source not in _SOURCES:
-            raise ValueError(f"`probe_source` must be one of {_SOURCES}, got {probe_source!r}.")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"`pairing` must be one of {PAIRINGS}, got {pairing!r}.")
+        if probe_source not in PROBE_SOURCES:
+            raise ValueError(f"`probe_source` must be one of {PROBE_SOURCES}, got {probe_source!r}.")
         if probe_dataset is not None and not isinstance(probe_dataset, Dataset):
             raise TypeError(f"`probe_dataset` must be a torch Dataset, got {type(probe_dataset).__name__}.")
         if layers is not None and (isinstance(layers, str) or not all(isinstance(name, str) for name in layers)):
@@ -183,6 +208,8 @@ class SpaceFoldingCallback(Callback):
                 raise TypeError(f"`{name}` must be a batch index (int >= 0) or a dict key (str), got {value!r}.")
         if not is_int(seed, 0):
             raise ValueError(f"`seed` must be an integer >= 0, got {seed!r}.")
+        if on_error not in _ON_ERROR:
+            raise ValueError(f"`on_error` must be one of {_ON_ERROR}, got {on_error!r}.")
         if not is_real(reg_weight, 0):
             raise ValueError(f"`reg_weight` must be a finite number >= 0, got {reg_weight!r}.")
         if reg_schedule not in SCHEDULES:
@@ -214,6 +241,7 @@ class SpaceFoldingCallback(Callback):
         self.log_figures = log_figures
         self.num_example_paths = num_example_paths
         self.seed = seed
+        self.on_error = on_error
         self.regularize = regularize
         self.reg_weight = reg_weight
         self.reg_schedule = reg_schedule
@@ -227,8 +255,11 @@ class SpaceFoldingCallback(Callback):
         self.latest_metrics: dict[str, float] = {}
         self.latest_step: int | None = None
         self.latest_result: FoldingResult | None = None
-        self._pairs: PairBatch | None = None
+        self._pairs: PairBatch | None = None  # the fit's pairs, saved in checkpoints
         self._metric: SpaceFolding | None = None
+        self._batch_size = 0  # points per forward pass, set when a fit or an evaluation starts
+        self._checkpoint_step: int | None = None
+        self._failures = FailureReporter()
         self._loss_term: TrainingLossTerm | None = None
 
     @property
@@ -255,42 +286,37 @@ class SpaceFoldingCallback(Callback):
             reg_num_pairs=self.reg_num_pairs,
         )
 
+    # --- when to measure ------------------------------------------------------------------------------------------
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Forget the pairs of a previous fit (a checkpoint restored afterwards brings its own)."""
+        """Forget the pairs of a previous fit and the step of a previous checkpoint (a restored one brings its own)."""
         if stage == "fit":
             self._pairs, self.latest_step = None, None
+        self._checkpoint_step = None
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Remember the checkpoint's step: an evaluation of the checkpoint is logged at it."""
+        self._checkpoint_step = checkpoint.get("global_step")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the probe set and pairs, check the model's layers, and take the first measurement."""
         if self._pairs is None:
-            with _preserved_rng(pl_module.device):
-                pairs = self._draw_pairs(trainer)
-            # Every process measures the same pairs, also when an iterable dataset is sharded by process.
-            self._pairs = trainer.strategy.broadcast(pairs, src=0)
-        labels = self._pairs.start_labels
-        num_classes = None if labels is None else int(torch.cat([labels, self._pairs.end_labels]).max()) + 1
-        # A model without supported activations, or an unknown layer name, fails here rather than mid-training.
-        first = slice(0, 1)
-        found = discover_layers(
-            pl_module,
-            self._inputs(trainer, pl_module, self._pairs.starts[first]),
-            self._inputs(trainer, pl_module, self._pairs.ends[first]),
-        )
-        names = [found[index].name for index in select_layers(pl_module, [layer.name for layer in found], self.layers)]
-        self._metric = SpaceFolding(num_classes=num_classes).to(pl_module.device)
+            self._pairs = self._draw_pairs(trainer, pl_module, "train" if self.probe_source == "train" else "val")
+        self._start(trainer, pl_module, self._pairs)
         if not trainer.loggers:
             rank_zero_warn(
                 "SpaceFoldingCallback: the trainer has no logger; measurements are only kept on the callback "
                 "(`latest_metrics`). Pass a logger, e.g. `Trainer(logger=TensorBoardLogger(...))`, to record curves."
             )
-        self._add_custom_scalars(trainer, names)
         if self.regularize:
             self._regularization_weight(trainer)  # an unknown run length fails now if the schedule needs it
             self._loss_term = TrainingLossTerm(
                 pl_module, lambda batch: self._regularization_term(trainer, pl_module, batch)
             )
         if self.measure_at_start and self.latest_step is None:
-            self._measure(trainer, pl_module)
+            self._measure(trainer, pl_module, self._pairs, trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -299,13 +325,23 @@ class SpaceFoldingCallback(Callback):
         step = trainer.global_step
         # Step 0 belongs to the start measurement; with gradient accumulation it lasts several batches.
         if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and step != self.latest_step:
-            self._measure(trainer, pl_module)
+            self._measure_fit(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure every ``every_n_epochs`` epochs, unless this step was just measured."""
         epoch_due = self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
         if epoch_due and trainer.global_step != self.latest_step:
-            self._measure(trainer, pl_module)
+            self._measure_fit(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Measure once at the end of ``trainer.validate`` (the validation inside a fit follows the schedule)."""
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._measure_evaluation(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Measure once at the end of ``trainer.test``."""
+        if trainer.state.fn == TrainerFn.TESTING:
+            self._measure_evaluation(trainer, pl_module, "test")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Give the module its own ``training_step`` back."""
@@ -334,97 +370,62 @@ class SpaceFoldingCallback(Callback):
             )
         self.latest_step = state_dict["latest_step"]
 
-    # --- the probe set and the pairs ----------------------------------------------------------------------------
+    def _measure_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._pairs is not None
+        self._measure(trainer, pl_module, self._pairs, trainer.global_step)
 
-    def _draw_pairs(self, trainer: pl.Trainer) -> PairBatch:
-        inputs, labels = self._probe(trainer)
-        generator = torch.Generator().manual_seed(self.seed)
-        pairing = self.pairing if self.pairing != "auto" else ("class" if labels is not None else "random")
-        if pairing != "random" and labels is None:
+    def _measure_evaluation(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: Literal["val", "test"]
+    ) -> None:
+        pairs = self._draw_pairs(trainer, pl_module, source)
+        self._start(trainer, pl_module, pairs)
+        step = trainer.global_step if self._checkpoint_step is None else self._checkpoint_step
+        # Lightning evaluates under inference mode, in which forward-mode AD (exact=True) cannot run.
+        with torch.inference_mode(False):
+            self._measure(trainer, pl_module, pairs, step)
+
+    # --- the pairs and the checks before measuring -------------------------------------------------------------
+
+    def _draw_pairs(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: Literal["train", "val", "test"]
+    ) -> PairBatch:
+        """The probe set's pairs, identical on every process and for any number of processes."""
+        with _preserved_rng(pl_module.device):
+            batch = draw_probe(
+                probe_loader(trainer, source) if self.probe_dataset is None else self.probe_dataset,
+                self.probe_size,
+                self.seed,
+            )
+            inputs, labels = split_batch(batch, self.input_key, self.label_key)
+            pairs = pair_probe(
+                inputs,
+                labels,
+                pairing=self.pairing,
+                num_pairs=self.num_pairs,
+                include_same_class=self.include_same_class,
+                centroids_per_class=self.centroids_per_class,
+                seed=self.seed,
+            )
+        # Every process measures the same pairs, also when an iterable dataset is sharded by process.
+        return trainer.strategy.broadcast(pairs, src=0)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pairs: PairBatch) -> None:
+        """Check the configuration against the model (errors raise here, never mid-run) and set up the metric."""
+        if self.exact and isinstance(trainer.strategy, _SHARDED):
             raise ValueError(
-                f"pairing={pairing!r} needs class labels, but the probe batches have none at label_key="
-                f"{self.label_key!r}. Set `label_key` to where the labels are, or use pairing='random'."
+                f"exact=True runs a data-dependent number of forward passes, which {type(trainer.strategy).__name__} "
+                "cannot run on one process alone (it gathers parameters from all of them). Use a step count."
             )
-        if pairing == "random":
-            return random_pairs(inputs, self.num_pairs, labels=labels, generator=generator)
-        if pairing == "class":
-            return class_pairs(
-                inputs, labels, self.num_pairs, include_same_class=self.include_same_class, generator=generator
-            )
-        return centroid_pairs(
-            inputs,
-            labels,
-            self.centroids_per_class,
-            include_same_class=self.include_same_class,
-            generator=generator,
-        )
-
-    def _probe(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor | None]:
-        """Probe inputs and labels, identical on every process and for any number of processes."""
-        if self.probe_dataset is not None:
-            batch = _draw(self.probe_dataset, default_collate, self.probe_size, self.seed)
-        else:
-            loader = self._source_loader(trainer)
-            batch = _draw(loader.dataset, loader.collate_fn or default_collate, self.probe_size, self.seed, loader)
-        return self._split(batch)
-
-    def _source_loader(self, trainer: pl.Trainer) -> DataLoader:
-        if self.probe_source == "val":
-            if trainer.val_dataloaders is None and trainer.enable_validation:
-                # Lightning sets the validation data up lazily when the first epoch does not validate.
-                trainer.fit_loop.epoch_loop.val_loop.setup_data()
-                trainer.training = True
-            loader = _first_loader(trainer.val_dataloaders)
-            if loader is not None:
-                return loader
-            rank_zero_warn(
-                "SpaceFoldingCallback: the fit has no validation data, so the probe set is drawn from the training "
-                "data. Pass `probe_source='train'` to say so, or `probe_dataset=...` to choose the inputs."
-            )
-        loader = _first_loader(trainer.train_dataloader)
-        if loader is None:
-            raise ValueError(
-                "SpaceFoldingCallback found no dataloader to draw the probe set from; pass `probe_dataset`."
-            )
-        return loader
-
-    def _split(self, batch: Any) -> tuple[Tensor, Tensor | None]:
-        if isinstance(batch, Tensor):
-            inputs, labels = batch, None
-        elif isinstance(batch, Mapping):
-            if self.input_key not in batch:
-                raise ValueError(
-                    f"The probe batches are dicts with keys {sorted(batch)}; set `input_key` (and `label_key`) to "
-                    f"the keys of the inputs and labels (input_key={self.input_key!r} is not one of them)."
-                )
-            inputs = batch[self.input_key]
-            labels = batch.get(self.label_key) if self.label_key is not None else None
-        elif isinstance(batch, Sequence) and not isinstance(batch, str):
-            if not isinstance(self.input_key, int) or self.input_key >= len(batch):
-                raise ValueError(
-                    f"The probe batches are sequences of {len(batch)} items; set `input_key` (and `label_key`) to "
-                    f"the positions of the inputs and labels, got input_key={self.input_key!r}."
-                )
-            inputs = batch[self.input_key]
-            use_labels = isinstance(self.label_key, int) and self.label_key < len(batch)
-            labels = batch[self.label_key] if use_labels else None
-        else:
-            raise TypeError(
-                f"SpaceFoldingCallback cannot read probe batches of type {type(batch).__name__}; batches must be a "
-                "tensor, a tuple/list or a dict."
-            )
-        if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
-            raise TypeError(
-                f"The probe inputs at input_key={self.input_key!r} must be a floating-point tensor, got "
-                f"{getattr(inputs, 'dtype', type(inputs).__name__)}. Set `input_key` to where the inputs are."
-            )
-        if labels is not None and (not isinstance(labels, Tensor) or labels.is_floating_point() or labels.ndim != 1):
-            rank_zero_warn(
-                f"SpaceFoldingCallback: the batch item at label_key={self.label_key!r} is not a 1-D integer tensor "
-                "of class labels, so the probe set has no labels. Set `label_key=None` to silence this."
-            )
-            labels = None
-        return inputs, labels
+        first = pairs.select(slice(0, 1))
+        starts = self._inputs(trainer, pl_module, first.starts)
+        found = discover_layers(pl_module, starts, self._inputs(trainer, pl_module, first.ends))
+        names = [found[index].name for index in select_layers(pl_module, [layer.name for layer in found], self.layers)]
+        labels = pairs.start_labels
+        num_classes = None if labels is None else int(torch.cat([labels, pairs.end_labels]).max()) + 1
+        self._metric = SpaceFolding(num_classes=num_classes).to(pl_module.device)
+        self._batch_size = self.batch_size or default_batch_size(found, starts)
+        if trainer.is_global_zero:
+            add_custom_scalars(trainer.loggers, names)
 
     # --- regularisation ----------------------------------------------------------------------------------------
 
@@ -445,17 +446,19 @@ class SpaceFoldingCallback(Callback):
             return None
         if self.reg_pairs == "probe":
             assert self._pairs is not None
-            few = slice(0, self.reg_num_pairs)
-            starts = self._inputs(trainer, pl_module, self._pairs.starts[few])
-            ends = self._inputs(trainer, pl_module, self._pairs.ends[few])
+            few = self._pairs.select(slice(0, self.reg_num_pairs))
+            starts, ends = self._inputs(trainer, pl_module, few.starts), self._inputs(trainer, pl_module, few.ends)
         else:
-            inputs = self._split(batch)[0]
-            if len(inputs) < 2:  # a last batch of one sample has no pair
-                return None
-            # Seeded by step and process: reproducible, and a resumed fit draws what an uninterrupted one would.
-            generator = torch.Generator().manual_seed(hash((self.seed, trainer.global_rank, step)) % 2**62)
-            pairs = random_pairs(inputs, self.reg_num_pairs, generator=generator)
-            starts, ends = pairs.starts, pairs.ends
+            inputs = split_batch(batch, self.input_key, self.label_key)[0]
+            if len(inputs) < 2:
+                # A batch of one sample has no pair. Zero-length paths add exactly 0 and keep the forward passes the
+                # same on every process.
+                starts = ends = inputs[torch.zeros(self.reg_num_pairs, dtype=torch.long, device=inputs.device)]
+            else:
+                # Seeded by step and process: reproducible, and a resumed fit draws what an uninterrupted one would.
+                generator = torch.Generator().manual_seed(hash((self.seed, trainer.global_rank, step)) % 2**62)
+                pairs = random_pairs(inputs, self.reg_num_pairs, generator=generator)
+                starts, ends = pairs.starts, pairs.ends
         term = folding_penalty(
             pl_module, starts, ends, weight, steps=self.reg_steps, temperature=self.reg_temperature, layers=self.layers
         )
@@ -475,155 +478,102 @@ class SpaceFoldingCallback(Callback):
 
     # --- measuring and logging ---------------------------------------------------------------------------------
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self._pairs is not None and self._metric is not None
-        device = pl_module.device
-        share = torch.arange(len(self._pairs)).tensor_split(trainer.world_size)[trainer.global_rank]
-        starts = self._inputs(trainer, pl_module, self._pairs.starts[share])
-        ends = self._inputs(trainer, pl_module, self._pairs.ends[share])
-        self._metric.reset()
-        # The trainer's precision measures the network as it trains; the RNG is preserved whatever the model's
-        # forward does in eval mode. A process without pairs (fewer pairs than processes) still joins the sync.
-        result = None
-        if len(share) > 0:
-            with _preserved_rng(device), trainer.precision_plugin.forward_context():
-                result = path_folding(
-                    pl_module,
-                    starts,
-                    ends,
-                    steps=self.steps,
-                    layers=self.layers,
-                    batch_size=self.batch_size,
-                    exact=self.exact,
-                )
-            labels = self._pairs.start_labels
-            self._metric.update_from_result(
-                result,
-                None if labels is None else labels[share].to(device),
-                None if labels is None else self._pairs.end_labels[share].to(device),
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pairs: PairBatch, step: int) -> None:
+        """Measure the pairs and log the values; a failure is reported and skipped, or raised (``on_error``)."""
+        share, count = _padded_share(len(pairs), trainer.world_size, trainer.global_rank)
+        draw_figures = self.log_figures and has_tensorboard(trainer.loggers)
+        error: Exception | None = None
+        result, example_patterns = None, None
+        batch_size = self._batch_size
+        try:
+            result, example_patterns = self._measure_share(trainer, pl_module, pairs.select(share), count, draw_figures)
+        except Exception as caught:  # a monitoring callback must not end the run: reported below
+            error = caught
+        failed_ranks, self._batch_size = agree_on_failures(trainer, error is not None, self._batch_size)
+        if self._batch_size < batch_size:
+            rank_zero_warn(
+                f"SpaceFoldingCallback: out of memory with {batch_size} points per forward pass; measuring with "
+                f"{self._batch_size} from now on (set `batch_size` to choose)."
             )
+        what = f"the measurement at step {step}"
+        if bool(failed_ranks.any()):
+            self._fail(trainer, failed_ranks, error, what)
+            return
+        try:
+            scalars = self._log(trainer, step, example_patterns)
+        except Exception as caught:  # after the last collective: this process alone reports it
+            self._fail(trainer, torch.arange(trainer.world_size) == trainer.global_rank, caught, what)
+            return
+        self.latest_metrics, self.latest_step, self.latest_result = scalars, step, result
+
+    def _measure_share(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, share: PairBatch, count: int, draw_figures: bool
+    ) -> tuple[FoldingResult, Tensor | None]:
+        """Measure this process's share (the first ``count`` paths are its own, the rest padding) into the metric."""
+        assert self._metric is not None
+        self._metric.reset()
+        starts, ends = self._inputs(trainer, pl_module, share.starts), self._inputs(trainer, pl_module, share.ends)
+
+        def measure(batch_size: int) -> FoldingResult:
+            return path_folding(
+                pl_module, starts, ends, steps=self.steps, layers=self.layers, batch_size=batch_size, exact=self.exact
+            )
+
+        # The trainer's precision measures the network as it trains; the RNG is preserved whatever the model's
+        # forward does in eval mode.
+        with _preserved_rng(pl_module.device), trainer.precision_plugin.forward_context():
+            result, batch_size = with_memory_backoff(measure, self._batch_size, min(self._batch_size, self.steps + 1))
+            example_patterns = None
+            if draw_figures:
+                # The most folded paths (most paths do not fold at all), as many on every process as on process 0.
+                few = result.chi.argsort(descending=True, stable=True)[: self.num_example_paths]
+                example_patterns = path_patterns(
+                    pl_module, starts[few], ends[few], steps=self.steps, layers=self.layers
+                )
+        self._batch_size = batch_size
+        result = result.select(slice(0, count))
+        if count:
+            labels = (share.start_labels, share.end_labels)
+            device = pl_module.device
+            self._metric.update_from_result(
+                result, *(None if label is None else label[:count].to(device) for label in labels)
+            )
+        return result, example_patterns
+
+    def _log(self, trainer: pl.Trainer, step: int, example_patterns: Tensor | None) -> dict[str, float]:
+        """Compute the values over all processes and hand them to the loggers; return the scalars."""
+        assert self._metric is not None
         values = self._metric.compute()
-        with self._metric.sync_context():
-            all_chi = dim_zero_cat(self._metric.chi).clone()
-        step = trainer.global_step
+        all_chi = None
+        if self.log_histogram and has_tensorboard(trainer.loggers):
+            with self._metric.sync_context():
+                all_chi = dim_zero_cat(self._metric.chi).clone()
         scalars = {f"{PREFIX}/{name}": value.item() for name, value in values.items() if value.ndim == 0}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
-        layer_names = [name.removeprefix("layer/") for name in values if name.startswith("layer/")]
-        self._log_tensorboard(trainer, pl_module, values, all_chi, layer_names, step, share, result)
-        self.latest_metrics, self.latest_step, self.latest_result = scalars, step, result
+        if trainer.is_global_zero:
+            figures = None if example_patterns is None else build_figures(values, example_patterns)
+            log_views(trainer.loggers, step, all_chi, figures)
+        return scalars
 
-    @rank_zero_only
-    def _log_tensorboard(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        values: dict[str, Tensor],
-        all_chi: Tensor,
-        layer_names: list[str],
-        step: int,
-        share: Tensor,
-        result: FoldingResult | None,
-    ) -> None:
-        boards = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        if not boards or not (self.log_histogram or self.log_figures):
-            return
-        figures = {}
-        if self.log_figures and result is not None:
-            assert self._pairs is not None
-            # The most folded of this process's paths: most paths of a network do not fold at all.
-            few = share[result.chi.argsort(descending=True, stable=True)[: self.num_example_paths].cpu()]
-            device = pl_module.device
-            with _preserved_rng(device), trainer.precision_plugin.forward_context():
-                patterns = path_patterns(
-                    pl_module,
-                    self._inputs(trainer, pl_module, self._pairs.starts[few]),
-                    self._inputs(trainer, pl_module, self._pairs.ends[few]),
-                    steps=self.steps,
-                    layers=self.layers,
-                )
-            from_start, from_previous = step_distances(patterns, patterns[:, 0])
-            figures["example_paths"] = distance_figure(from_start, from_previous.cumsum(-1), fold_measure(patterns))
-            figures["layers"] = layer_figure(layer_names, torch.stack([values[f"layer/{n}"] for n in layer_names]))
-            if "class_pair_folding" in values:
-                figures["class_pairs"] = class_pair_figure(values["class_pair_folding"])
-        for board in boards:
-            if self.log_histogram:
-                board.add_histogram(f"{PREFIX}/chi", all_chi.float().cpu(), step)
-            for name, figure in figures.items():
-                board.add_figure(f"{PREFIX}/{name}", figure, step, close=False)
-
-    @rank_zero_only
-    def _add_custom_scalars(self, trainer: pl.Trainer, layer_names: list[str]) -> None:
-        layout = {
-            PREFIX: {
-                "global": [
-                    "Multiline",
-                    [f"{PREFIX}/folding", f"{PREFIX}/folding_median_nonzero", f"{PREFIX}/folded_fraction"],
-                ],
-                "layers": ["Multiline", [f"{PREFIX}/layer/{name}" for name in layer_names]],
-            }
-        }
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_custom_scalars(layout)
+    def _fail(self, trainer: pl.Trainer, failed_ranks: Tensor, error: Exception | None, what: str) -> None:
+        """A failed measurement: raised with ``on_error="raise"`` (on every process), else reported and skipped."""
+        if self.on_error == "raise":
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"SpaceFoldingCallback: {what} failed on process {int(failed_ranks.nonzero()[0])} "
+                "(on_error='raise'); its error ends the run there."
+            )
+        self._failures.warn(trainer, failed_ranks, error, what)
 
 
-def _first_loader(loaders: Any) -> DataLoader | None:
-    """The first DataLoader of whatever Lightning holds (a loader, a list or a dict of them)."""
-    if isinstance(loaders, DataLoader):
-        return loaders
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, Sequence):
-        return next((loader for loader in map(_first_loader, loaders) if loader is not None), None)
-    return None
-
-
-def _draw(dataset: Any, collate: Any, size: int, seed: int, loader: DataLoader | None = None) -> Any:
-    """``size`` items drawn without replacement with ``seed``, collated into one batch.
-
-    Map-style datasets are indexed directly, so the draw does not depend on the loader's sampler (shuffling,
-    distributed sampling) or on the number of processes. Iterable datasets are read in order from their loader.
-    """
-    if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-        generator = torch.Generator().manual_seed(seed)
-        indices = torch.randperm(len(dataset), generator=generator)[:size]
-        return collate([dataset[index] for index in indices.tolist()])
-    if loader is None:
-        raise TypeError("`probe_dataset` must be a map-style dataset (with __len__ and __getitem__).")
-    batches, count = [], 0
-    for batch in loader:
-        batches.append(batch)
-        first = _first_tensor(batch)
-        if first is None:
-            raise TypeError(f"SpaceFoldingCallback found no tensor in a probe batch of type {type(batch).__name__}.")
-        count += len(first)
-        if count >= size:
-            break
-    return _concatenate(batches, size)
-
-
-def _first_tensor(batch: Any) -> Tensor | None:
-    """The first tensor in a batch of nested tuples, lists and dicts (for its length), or ``None``."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)):
-        return None
-    return next((tensor for tensor in map(_first_tensor, batch) if tensor is not None), None)
-
-
-def _concatenate(batches: list[Any], size: int) -> Any:
-    first = batches[0]
-    if isinstance(first, Tensor):
-        return torch.cat(batches)[:size]
-    if isinstance(first, Mapping):
-        return {key: _concatenate([batch[key] for batch in batches], size) for key in first}
-    if isinstance(first, Sequence):
-        return [_concatenate([batch[index] for batch in batches], size) for index in range(len(first))]
-    return first
+def _padded_share(num_pairs: int, world_size: int, rank: int) -> tuple[Tensor, int]:
+    """This process's pair indices, padded with repeats to as many as process 0 has, and how many are its own."""
+    own = torch.arange(num_pairs).tensor_split(world_size)[rank]
+    size = math.ceil(num_pairs / world_size)
+    padding = (own[:1] if len(own) else torch.zeros(1, dtype=torch.long)).expand(size - len(own))
+    return torch.cat([own, padding]), len(own)
 
 
 @contextmanager

@@ -78,6 +78,7 @@ from lightning_spacefold.capture import (
     evaluation_mode,
     has_functional_layers,
 )
+from lightning_spacefold.finite import FiniteCheck
 from lightning_spacefold.measure import folding_from_ranges, pack_bits, step_distances, unpack_bits
 from lightning_spacefold.result import FoldingResult
 
@@ -260,6 +261,7 @@ class _Probe:
         self.bits: list[Tensor] = []
         self.prints: list[Tensor] = []
         self.complete = False
+        self.finite = FiniteCheck(self.names)
 
     def _constrain(self, gap: Tensor, slope: Tensor) -> None:
         if gap.shape[1] == 0:
@@ -272,6 +274,7 @@ class _Probe:
         """Capture transform: crossings, bits and projection of one activation call."""
         value, slope = fwAD.unpack_dual(pre_activation)
         check_batch_first(self.names[position], value, self.num_points)
+        self.finite.add(value)
         z = value.reshape(self.num_points, -1)
         dz = torch.zeros_like(z) if slope is None else slope.reshape(self.num_points, -1)
         assert rule.kinks is not None  # smooth layers were rejected before the traversal
@@ -358,7 +361,10 @@ def _evaluate(
         probe.reset(len(chunk_t))
         capture.reset()
         with fwAD.dual_level():
-            model(fwAD.make_dual(points, (second - first).to(dtype)))
+            output = model(fwAD.make_dual(points, (second - first).to(dtype)))
+            # Non-finite values would also fail the consistency check, with a misleading message: report them first.
+            probe.finite.end_pass(fwAD.unpack_dual(output).primal if isinstance(output, Tensor) else output)
+            probe.finite.check()
         if len(capture.base_names) != num_layers:
             raise ValueError(
                 f"The model ran {num_layers} activation layers on one batch and {len(capture.base_names)} on "
@@ -519,6 +525,7 @@ def exact_folding(
     Raises:
         ValueError: If a layer at or before the last selected one is smooth, an operation breaks piecewise
             linearity (naming the first affected layer), or the model runs different layers on different batches.
+        NonFiniteError: If a pre-activation up to the last selected layer, or the output, is NaN or infinite.
     """
     selected = sorted(selected)
     last = selected[-1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ from lightning_spacefold.capture import (
 )
 from lightning_spacefold.checks import is_int
 from lightning_spacefold.exact import exact_folding
+from lightning_spacefold.finite import FiniteCheck
 from lightning_spacefold.measure import folding_from_ranges, pack_bits, step_distances, unpack_bits
 from lightning_spacefold.result import FoldingResult
 
@@ -71,10 +73,11 @@ class _Walk:
     """Running range and length of a group of paths, per layer, fed one chunk of consecutive points at a time.
 
     Bits are reduced to distances inside the activation hook, so no layer's bits outlive its call; between chunks
-    only the packed start and previous patterns of each path and layer are kept.
+    only the packed start and previous patterns of each path and layer are kept. The sums of each layer's
+    pre-activations and of the output are kept for one finiteness check at the end (:mod:`~lightning_spacefold.finite`).
     """
 
-    def __init__(self, names: list[str], num_paths: int, device: torch.device) -> None:
+    def __init__(self, names: list[str], num_paths: int, device: torch.device, finite: FiniteCheck) -> None:
         self.names = names
         self.num_paths = num_paths
         self.chunk_points = 0
@@ -84,9 +87,11 @@ class _Walk:
         self.start: list[Tensor | None] = [None] * len(names)
         self.previous: list[Tensor | None] = [None] * len(names)
         self.from_start: Tensor | int = 0
+        self.finite = finite
 
     def add_layer(self, position: int, pre_activation: Tensor, rule: ActivationRule) -> None:
         check_batch_first(self.names[position], pre_activation, self.num_paths * self.chunk_points)
+        self.finite.add(pre_activation)
         bits = rule.bits(pre_activation).reshape(self.num_paths, self.chunk_points, -1)
         num_units = bits.shape[-1]
         stored_start, stored_previous = self.start[position], self.previous[position]
@@ -100,8 +105,9 @@ class _Walk:
         self.layer_r2[:, position] += from_previous.sum(-1)
         self.from_start = self.from_start + from_start
 
-    def end_chunk(self) -> Tensor:
+    def end_chunk(self, output: Any) -> Tensor:
         """Close the chunk: update the whole-network range; return its distances from the start ``[G, K]``."""
+        self.finite.end_pass(output)
         from_start, self.from_start = self.from_start, 0
         self.r1 = torch.maximum(self.r1, from_start.amax(-1))
         return from_start
@@ -165,6 +171,8 @@ def path_folding(
         ValueError: For inputs of different shapes, empty, non-finite, ``steps < 1``, ``batch_size < 1``, a model
             with no supported activation, an unknown layer name, ``return_distances`` with ``exact``, or with
             ``exact`` a model that is not piecewise linear (naming the layer).
+        NonFiniteError: A ``ValueError`` raised when a pre-activation of a measured layer, or the model's output, is
+            NaN or infinite (a diverged or overflowed network), naming the first such layer.
     """
     check_path_arguments(model, starts, ends, steps, batch_size)
     found = discover_layers(model, starts, ends)
@@ -183,10 +191,11 @@ def path_folding(
     chunk_size = _balanced(num_points, max(1, batch_size // group_size))
     t = torch.arange(num_points, dtype=torch.float64, device=starts.device) / steps
     walks, distances = [], []
+    finite = FiniteCheck(names)
     with evaluation_mode(model):
         for first in range(0, num_paths, group_size):
             group = slice(first, first + group_size)
-            walk = _Walk(names, len(starts[group]), starts.device)
+            walk = _Walk(names, len(starts[group]), starts.device, finite)
             with capture_activations(
                 model, walk.add_layer, frozenset(selected), has_functional_layers(found)
             ) as capture:
@@ -194,17 +203,18 @@ def path_folding(
                     chunk_t = t[begin : begin + chunk_size]
                     walk.chunk_points = len(chunk_t)
                     capture.reset()
-                    model(segment_points(starts[group], ends[group], chunk_t))
+                    output = model(segment_points(starts[group], ends[group], chunk_t))
                     if len(capture.base_names) != len(found):
                         raise ValueError(
                             f"The model ran {len(found)} activation layers on one batch and {len(capture.base_names)} "
                             "on another; folding needs the same layers for every input (no data-dependent control "
                             "flow)."
                         )
-                    chunk_distances = walk.end_chunk()
+                    chunk_distances = walk.end_chunk(output)
                     if return_distances:
                         distances.append(chunk_distances)
             walks.append(walk)
+    finite.check()
 
     layer_r1 = torch.cat([walk.layer_r1 for walk in walks])
     layer_r2 = torch.cat([walk.layer_r2 for walk in walks])
@@ -249,13 +259,18 @@ def path_patterns(
     found = discover_layers(model, starts, ends)
     selected = select_layers(model, [layer.name for layer in found], layers)
     t = torch.arange(steps + 1, dtype=torch.float64, device=starts.device) / steps
+    finite = FiniteCheck([found[index].name for index in selected])
+
+    def bits(_position: int, pre_activation: Tensor, rule: ActivationRule) -> Tensor:
+        finite.add(pre_activation)
+        return rule.bits(pre_activation).flatten(1)
+
     with (
         evaluation_mode(model),
-        capture_activations(
-            model, lambda _position, z, rule: rule.bits(z).flatten(1), frozenset(selected), has_functional_layers(found)
-        ) as capture,
+        capture_activations(model, bits, frozenset(selected), has_functional_layers(found)) as capture,
     ):
-        model(segment_points(starts, ends, t))
+        finite.end_pass(model(segment_points(starts, ends, t)))
+    finite.check()
     return torch.cat(capture.values, dim=1).unflatten(0, (len(starts), steps + 1))
 
 

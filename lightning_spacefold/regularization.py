@@ -111,7 +111,8 @@ def soft_folding(
             count as not folding.
 
     Returns:
-        ``chi_soft`` in ``[0, 1)``, shape ``[P]``, float32 (float64 for float64 inputs).
+        ``chi_soft`` in ``[0, 1)``, shape ``[P]``, float32 (float64 for float64 inputs); NaN for a path along which
+        a selected layer's pre-activation or the model's output is NaN or infinite (a diverged network).
 
     Raises:
         TypeError: If the model or the inputs have the wrong type, or a hyperparameter is not a real number.
@@ -138,22 +139,29 @@ def soft_folding(
             )
         check_batch_first(name, pre_activation, num_paths * num_points)
         z = pre_activation.to(dtype).reshape(num_paths, num_points, -1)
+        finite.append(torch.isfinite(z.detach().sum((1, 2))))
         scale = temperature * z.detach().std(dim=(1, 2), keepdim=True)
         # A layer constant along a path has scale 0: any finite divisor gives equal soft bits, hence distance 0.
         return torch.sigmoid(z / scale.clamp_min(torch.finfo(dtype).tiny))
 
     t = torch.arange(num_points, dtype=torch.float64, device=starts.device) / steps
+    finite: list[Tensor] = []  # per layer, [P]: whether the path's pre-activations are finite
     with (
         _frozen_running_statistics(model),
         capture_activations(model, soft_bits, frozenset(selected), has_functional_layers(found)) as capture,
     ):
-        model(segment_points(starts, ends, t))
+        output = model(segment_points(starts, ends, t))
+    if isinstance(output, Tensor) and output.is_floating_point() and output.shape[:1] == (num_paths * num_points,):
+        finite.append(torch.isfinite(output.detach().reshape(num_paths, -1).sum(-1)))
     bits = torch.cat(capture.values, dim=-1)  # [P, steps + 1, units]
 
     r1 = _smooth_range((bits - bits[:, :1]).abs().sum(-1), smooth_max)
     r2 = (bits[:, 1:] - bits[:, :-1]).abs().sum((1, 2))
     # r1 <= r2 holds exactly; the clamp removes float rounding below zero (seen down to -1.5e-7).
-    return ((r2 - r1) / (r2 + eps)).clamp_min(0)
+    chi = ((r2 - r1) / (r2 + eps)).clamp_min(0)
+    # A path through non-finite values has no folding (sigmoid would turn an infinity into a plain bit): NaN, the
+    # loss's usual signal of a diverged network.
+    return chi.where(torch.stack(finite).all(0), torch.nan)
 
 
 def folding_penalty(model: nn.Module, starts: Tensor, ends: Tensor, weight: float, **kwargs: Any) -> Tensor:

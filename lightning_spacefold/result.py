@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
@@ -39,3 +39,9 @@ class FoldingResult:
 
     def __len__(self) -> int:
         return len(self.chi)
+
+    def select(self, index: Tensor | slice) -> FoldingResult:
+        """The result of the paths at ``index`` (an index tensor, a boolean mask or a slice)."""
+        per_path = ("chi", "r1", "r2", "layer_chi", "layer_r1", "layer_r2", "distances", "regions")
+        selected = {name: getattr(self, name) for name in per_path}
+        return replace(self, **{name: None if value is None else value[index] for name, value in selected.items()})

@@ -63,6 +63,16 @@ class PairBatch:
         """Returns the number of pairs ``P``."""
         return self.starts.shape[0]
 
+    def select(self, index: Tensor | slice) -> PairBatch:
+        """The pairs at ``index`` (an index tensor, a boolean mask or a slice), with their labels."""
+        start_labels, end_labels = self.start_labels, self.end_labels
+        return PairBatch(
+            self.starts[index],
+            self.ends[index],
+            None if start_labels is None else start_labels[index],
+            None if end_labels is None else end_labels[index],
+        )
+
 
 def random_pairs(
     inputs: Tensor,

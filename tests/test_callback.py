@@ -390,6 +390,6 @@ def test_state_key_tells_configurations_apart() -> None:
 
 
 def test_iterable_probe_batches_with_strings() -> None:
-    from lightning_spacefold.callback import _first_tensor
+    from lightning_spacefold.probe import first_tensor as _first_tensor
 
     assert _first_tensor({"id": ["a", "b"], "x": torch.ones(2, 3)}).shape == (2, 3)
