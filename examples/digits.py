@@ -76,6 +76,9 @@ class MLPClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
@@ -84,8 +87,9 @@ class DigitsDataModule(pl.LightningDataModule):
     """Digits from scikit-learn (8x8, no download), or MNIST / Fashion-MNIST through torchvision (downloads).
 
     Args:
-        dataset: ``digits`` (1797 images, 25% held out for validation), ``mnist`` or ``fashion_mnist``
-            (needs ``pip install torchvision`` and internet access).
+        dataset: ``digits`` (1797 images, 25% held out for validation and testing), ``mnist`` or
+            ``fashion_mnist`` (needs ``pip install torchvision`` and internet access; their test split serves for
+            validation and testing).
         batch_size: Training and validation batch size.
         seed: Seed of the digits train/validation split.
         data_dir: Where torchvision stores MNIST and Fashion-MNIST.
@@ -137,6 +141,9 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
 
 
 def digits_split(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:

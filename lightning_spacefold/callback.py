@@ -33,7 +33,7 @@ from lightning_spacefold.metric import SpaceFolding
 from lightning_spacefold.probe import PAIRINGS, PROBE_SOURCES, draw_probe, pair_probe, probe_loader, split_batch
 from lightning_spacefold.regularization import SCHEDULES, folding_penalty, regularization_weight
 from lightning_spacefold.result import FoldingResult
-from lightning_spacefold.safeguard import FailureReporter, agree_on_failures, with_memory_backoff
+from lightning_spacefold.safeguard import FailureReporter, agree_on_failures, is_out_of_memory, with_memory_backoff
 from lightning_spacefold.sampling import PairBatch, random_pairs
 from lightning_spacefold.views import PREFIX, add_custom_scalars, build_figures, has_tensorboard, log_views
 
@@ -489,6 +489,10 @@ class SpaceFoldingCallback(Callback):
             result, example_patterns = self._measure_share(trainer, pl_module, pairs.select(share), count, draw_figures)
         except Exception as caught:  # a monitoring callback must not end the run: reported below
             error = caught
+            if is_out_of_memory(caught) and isinstance(trainer.strategy, _SHARDED):
+                # Sharded processes cannot retry alone (the others' forward passes wait for theirs): all of them
+                # measure with fewer points from the next measurement on.
+                self._batch_size = max(self._smallest_batch_size(), self._batch_size // 2)
         failed_ranks, self._batch_size = agree_on_failures(trainer, error is not None, self._batch_size)
         if self._batch_size < batch_size:
             rank_zero_warn(
@@ -522,7 +526,8 @@ class SpaceFoldingCallback(Callback):
         # The trainer's precision measures the network as it trains; the RNG is preserved whatever the model's
         # forward does in eval mode.
         with _preserved_rng(pl_module.device), trainer.precision_plugin.forward_context():
-            result, batch_size = with_memory_backoff(measure, self._batch_size, min(self._batch_size, self.steps + 1))
+            smallest = self._batch_size if isinstance(trainer.strategy, _SHARDED) else self._smallest_batch_size()
+            result, batch_size = with_memory_backoff(measure, self._batch_size, smallest)
             example_patterns = None
             if draw_figures:
                 # The most folded paths (most paths do not fold at all), as many on every process as on process 0.
@@ -539,6 +544,10 @@ class SpaceFoldingCallback(Callback):
                 result, *(None if label is None else label[:count].to(device) for label in labels)
             )
         return result, example_patterns
+
+    def _smallest_batch_size(self) -> int:
+        """The fewest points per forward pass that the out-of-memory back-off tries: one path's."""
+        return min(self._batch_size, self.steps + 1)
 
     def _log(self, trainer: pl.Trainer, step: int, example_patterns: Tensor | None) -> dict[str, float]:
         """Compute the values over all processes and hand them to the loggers; return the scalars."""

@@ -171,14 +171,18 @@ def first_tensor(batch: Any) -> Tensor | None:
 
 
 def _concatenate(batches: list[Any], size: int) -> Any:
+    """The first ``size`` items of collated batches, joined the way they were collated."""
     first = batches[0]
     if isinstance(first, Tensor):
         return torch.cat(batches)[:size]
     if isinstance(first, Mapping):
         return {key: _concatenate([batch[key] for batch in batches], size) for key in first}
-    if isinstance(first, Sequence):
-        return [_concatenate([batch[index] for batch in batches], size) for index in range(len(first))]
-    return first
+    if isinstance(first, (str, bytes)) or not isinstance(first, Sequence):
+        return first
+    if all(isinstance(item, (str, bytes, int, float)) for item in first):
+        # A collated list of plain values, one per item (e.g. string ids): the items of all batches, in order.
+        return [item for batch in batches for item in batch][:size]
+    return [_concatenate([batch[index] for batch in batches], size) for index in range(len(first))]
 
 
 def pair_probe(

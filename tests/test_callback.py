@@ -49,20 +49,24 @@ class Classifier(pl.LightningModule):
         x, y = batch
         self.log("val_loss", nn.functional.cross_entropy(self(x), y))
 
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 class Blobs(pl.LightningDataModule):
-    def __init__(self, validation: bool = True) -> None:
+    def __init__(self, validation: bool = True, validation_seed: int = 1) -> None:
         super().__init__()
         self.validation = validation
+        self.validation_seed = validation_seed
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(blobs(96, 0), batch_size=8, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(blobs(48, 1), batch_size=16) if self.validation else []
+        return DataLoader(blobs(48, self.validation_seed), batch_size=16) if self.validation else []
 
 
 def destroy_process_group() -> None:
@@ -185,8 +189,9 @@ def test_resume_continues_the_curve_without_gaps_or_duplicates(tmp_path: Path) -
         Classifier(), datamodule=Blobs()
     )
     second = make()
+    # Other validation data: the pairs can only come from the checkpoint, not from drawing them again.
     trainer(tmp_path, second, max_steps=8).fit(
-        Classifier(), datamodule=Blobs(), ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt")))
+        Classifier(), datamodule=Blobs(validation_seed=2), ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt")))
     )
     assert scalar_steps(tmp_path / "tb" / "version_0", "spacefold/folding") == [0, 2, 4, 6, 8]
     assert torch.equal(second._pairs.starts, first._pairs.starts)
@@ -201,11 +206,22 @@ def test_without_validation_data_falls_back_to_training_data(tmp_path: Path) -> 
     assert callback.latest_step == 3
 
 
+def measured_directly(callback: SpaceFoldingCallback, model: nn.Module, steps: int) -> None:
+    """The callback's last values are those of path_folding on its pairs and the model as the fit left it."""
+    pairs = callback._pairs
+    direct = path_folding(model, pairs.starts, pairs.ends, steps=steps)
+    assert callback.latest_metrics["spacefold/folding"] == pytest.approx(direct.chi.mean().item(), abs=1e-7)
+    assert callback.latest_metrics["spacefold/layer/net.3"] == pytest.approx(direct.layer_chi[:, -1].mean().item())
+    torch.testing.assert_close(callback.latest_result.chi, direct.chi)
+
+
 def test_without_logger_warns_and_keeps_results(tmp_path: Path) -> None:
     callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=6, steps=8, probe_size=20)
+    model = Classifier()
     with pytest.warns(UserWarning, match="no logger"):
-        trainer(tmp_path, callback, max_steps=3, logger=False).fit(Classifier(), datamodule=Blobs())
-    assert set(callback.latest_metrics) >= {"spacefold/folding", "spacefold/layer/net.1"}
+        trainer(tmp_path, callback, max_steps=3, logger=False).fit(model, datamodule=Blobs())
+    assert callback.latest_step == 3
+    measured_directly(callback, model, steps=8)
 
 
 def test_model_without_activations_fails_at_fit_start(tmp_path: Path) -> None:
@@ -270,11 +286,28 @@ def test_dict_batches_and_a_given_probe_dataset(tmp_path: Path) -> None:
     callback = SpaceFoldingCallback(
         every_n_train_steps=3, num_pairs=9, steps=8, probe_dataset=Dicts(), input_key="image", label_key="label"
     )
-    trainer(tmp_path, callback, max_steps=3).fit(Classifier(), datamodule=Blobs())
-    assert callback._pairs.start_labels is not None
+    model = Classifier()
+    trainer(tmp_path, callback, max_steps=3).fit(model, datamodule=Blobs())
+    data = blobs(30, 2)
+    for points, labels in ((callback._pairs.starts, callback._pairs.start_labels), (callback._pairs.ends, None)):
+        rows = [int((data.tensors[0] == point).all(-1).nonzero()) for point in points]  # every point is an item
+        if labels is not None:
+            assert labels.tolist() == data.tensors[1][rows].tolist()
+    measured_directly(callback, model, steps=8)
     bad = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=9, steps=8, probe_dataset=Dicts())
     with pytest.raises(ValueError, match=r"keys \['image', 'label'\]; set `input_key`"):
         trainer(tmp_path, bad, max_steps=3).fit(Classifier(), datamodule=Blobs())
+
+
+class SavesResult(pl.Callback):
+    """Saves the latest measurement's per-path chi and r2 of each process (a spawned process's callback is a copy)."""
+
+    def __init__(self, spacefold: SpaceFoldingCallback, directory: Path) -> None:
+        self.spacefold, self.directory = spacefold, directory
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        result = self.spacefold.latest_result
+        torch.save((result.chi, result.r2), self.directory / f"result{trainer.global_rank}.pt")
 
 
 def read_csv_metrics(directory: Path) -> dict[int, dict[str, float]]:
@@ -289,23 +322,38 @@ def read_csv_metrics(directory: Path) -> dict[int, dict[str, float]]:
 
 @pytest.mark.parametrize("pairing", ["class", "centroid"])
 def test_ddp_two_processes_log_the_same_values_as_one(tmp_path: Path, pairing: str) -> None:
-    logged = []
+    logged, callbacks = [], []
     for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
         torch.manual_seed(0)
         callback = SpaceFoldingCallback(
             every_n_train_steps=2, num_pairs=14, steps=16, probe_size=30, pairing=pairing, centroids_per_class=2
         )
         directory = tmp_path / f"devices{devices}"
-        trainer(directory, callback, max_steps=2, devices=devices, strategy=strategy, logger=CSVLogger(directory)).fit(
-            Classifier(lr=0.0), datamodule=Blobs()
-        )
+        trainer(
+            directory,
+            callback,
+            max_steps=2,
+            devices=devices,
+            strategy=strategy,
+            logger=CSVLogger(directory),
+            callbacks=[callback, SavesResult(callback, tmp_path)],
+        ).fit(Classifier(lr=0.0), datamodule=Blobs())
         logged.append(read_csv_metrics(directory))
+        callbacks.append(callback)
     assert set(logged[0]) == {0, 2}
     assert logged[0].keys() == logged[1].keys()
     for step in logged[0]:
         assert logged[0][step].keys() == logged[1][step].keys()
         for key, value in logged[0][step].items():
             assert logged[1][step][key] == pytest.approx(value, abs=1e-6), (step, key)
+    # Each process measured its own half of the pairs (14 class pairs, or 30 distinct centroid pairs).
+    shares = [torch.load(tmp_path / f"result{rank}.pt")[0] for rank in (0, 1)]
+    half = len(callbacks[0].latest_result) // 2
+    assert [len(share) for share in shares] == [half, half] and half in (7, 15)
+    torch.testing.assert_close(torch.cat(shares), callbacks[0].latest_result.chi)
+
+
+SEED = 6  # the seed whose one random pair folds (chi = 1/4) through Classifier(lr=0.0) after torch.manual_seed(0)
 
 
 def test_ddp_process_without_pairs_joins_the_sync(tmp_path: Path) -> None:
@@ -313,7 +361,7 @@ def test_ddp_process_without_pairs_joins_the_sync(tmp_path: Path) -> None:
     for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
         torch.manual_seed(0)
         callback = SpaceFoldingCallback(
-            every_n_train_steps=2, num_pairs=1, steps=16, probe_size=30, pairing="random", log_figures=False
+            every_n_train_steps=2, num_pairs=1, steps=16, probe_size=30, pairing="random", log_figures=False, seed=SEED
         )
         directory = tmp_path / f"devices{devices}"
         trainer(directory, callback, max_steps=2, devices=devices, strategy=strategy, logger=CSVLogger(directory)).fit(
@@ -321,15 +369,23 @@ def test_ddp_process_without_pairs_joins_the_sync(tmp_path: Path) -> None:
         )
         logged.append(read_csv_metrics(directory))
     assert set(logged[0]) == set(logged[1]) == {0, 2}
+    assert logged[0][2]["spacefold/folding"] == 0.25  # a value that a process leaving its pair out would change
     for step, values in logged[0].items():
         assert logged[1][step] == pytest.approx(values)
 
 
 def test_bf16_true_precision(tmp_path: Path) -> None:
     callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=9, steps=16, probe_size=30)
-    trainer(tmp_path, callback, max_steps=3, precision="bf16-true").fit(Classifier(), datamodule=Blobs())
+    model = Classifier()
+    trainer(tmp_path, callback, max_steps=3, precision="bf16-true").fit(model, datamodule=Blobs())
+    assert next(model.parameters()).dtype == torch.bfloat16
+    # The network measured as it trains, in bfloat16: the float32 network's walks differ.
+    pairs = callback._pairs
+    direct = path_folding(model, pairs.starts.bfloat16(), pairs.ends.bfloat16(), steps=16)
     assert callback.latest_result.chi.dtype == torch.float32
-    assert 0 <= callback.latest_metrics["spacefold/folding"] < 1
+    assert torch.equal(callback.latest_result.chi, direct.chi) and torch.equal(callback.latest_result.r2, direct.r2)
+    float32 = path_folding(model.float(), pairs.starts, pairs.ends, steps=16)
+    assert not torch.equal(float32.r2, direct.r2)
 
 
 class NoisyBlobs(torch.utils.data.Dataset):
@@ -389,7 +445,29 @@ def test_state_key_tells_configurations_apart() -> None:
     assert len(keys) == 4
 
 
-def test_iterable_probe_batches_with_strings() -> None:
-    from lightning_spacefold.probe import first_tensor as _first_tensor
+class Stream(torch.utils.data.IterableDataset):
+    """Validation data that can only be read in order, with string ids next to the tensors."""
 
-    assert _first_tensor({"id": ["a", "b"], "x": torch.ones(2, 3)}).shape == (2, 3)
+    def __iter__(self):
+        data = blobs(48, 1)
+        for index in range(len(data)):
+            x, y = data[index]
+            yield {"id": f"item{index}", "x": x, "y": y}
+
+
+def test_iterable_validation_data_is_read_in_order(tmp_path: Path) -> None:
+    class Streamed(Blobs):
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(Stream(), batch_size=16)
+
+    callback = SpaceFoldingCallback(
+        every_n_train_steps=3, num_pairs=9, steps=8, probe_size=20, input_key="x", label_key="y", pairing="class"
+    )
+    model = Classifier()
+    trainer(tmp_path, callback, max_steps=3).fit(model, datamodule=Streamed())
+    first = blobs(48, 1)[:20]  # the first 20 items, in the stream's order
+    for points, labels in ((callback._pairs.starts, callback._pairs.start_labels), (callback._pairs.ends, None)):
+        rows = [int((first[0] == point).all(-1).nonzero()) for point in points]
+        if labels is not None:
+            assert labels.tolist() == first[1][rows].tolist()
+    measured_directly(callback, model, steps=8)

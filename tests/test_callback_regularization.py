@@ -156,13 +156,21 @@ def test_ddp_two_processes_give_the_same_update(tmp_path: Path) -> None:
         torch.testing.assert_close(distributed[name], value, rtol=1e-5, atol=1e-6)
 
 
-def test_a_last_batch_of_one_sample_is_skipped(tmp_path: Path) -> None:
-    class Odd(Blobs):
+def test_a_batch_of_one_sample_adds_a_term_of_exactly_zero(tmp_path: Path) -> None:
+    class Single(Blobs):
         def train_dataloader(self) -> DataLoader:
-            return DataLoader(torch.utils.data.Subset(blobs(96, 0), range(17)), batch_size=16)
+            return DataLoader(torch.utils.data.Subset(blobs(96, 0), [5]), batch_size=1)
 
-    trainer = fit(tmp_path, Classifier(), regularizing(reg_pairs="batch"), max_steps=2, datamodule=Odd())
-    assert trainer.global_step == 2
+    gradients, terms = [], []
+    for callback in (None, regularizing(reg_pairs="batch")):
+        torch.manual_seed(0)
+        module = GradientRecorder()
+        fitted = fit(tmp_path, module, callback, datamodule=Single())
+        gradients.append(module.gradients)
+        terms.append(fitted.callback_metrics.get("spacefold/reg_term"))
+    # The term ran (so every process runs the same forward passes) and added nothing: zero-length paths.
+    assert terms[0] is None and terms[1].item() == 0.0
+    assert all(torch.equal(gradients[0][name], gradients[1][name]) for name in gradients[0])
 
 
 def test_wrappers_can_be_removed_in_any_order() -> None:

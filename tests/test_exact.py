@@ -183,7 +183,7 @@ def test_exact_equals_dense_sampling_on_random_networks(name: str) -> None:
     starts, ends = random_pairs(shape, scale, seed)
     model(starts)  # initialise lazy layers
     result = exact(model, starts, ends)
-    dense = path_folding(model, starts, ends, steps=100_000)
+    dense = path_folding(model, starts, ends, steps=DENSE_STEPS)
     assert_same_walk(result, dense)
     assert result.steps is None and result.distances is None
     assert bool((result.regions > 5).all())  # the paths cross many regions: the comparison is not trivial
@@ -195,7 +195,7 @@ def test_exact_equals_dense_sampling_on_selected_layers() -> None:
     starts, ends = random_pairs((2,), 10.0, seed=7)
     layers = ["1", "5"]  # the LeakyReLU and the Hardtanh; the ReLU6 between them still bends the Hardtanh's input
     result = exact(model, starts, ends, layers=layers)
-    assert_same_walk(result, path_folding(model, starts, ends, steps=100_000, layers=layers))
+    assert_same_walk(result, path_folding(model, starts, ends, steps=DENSE_STEPS, layers=layers))
     assert result.layer_names == layers
 
 
@@ -347,7 +347,7 @@ def test_smooth_activation_after_the_measured_layers_is_allowed() -> None:
     model = nn.Sequential(OrderedDict(fc1=nn.Linear(2, 6), relu=nn.ReLU(), fc2=nn.Linear(6, 4), act=nn.Tanh()))
     starts, ends = random_pairs((2,), 3.0, seed=14)
     result = exact(model, starts, ends, layers=["relu"])
-    assert_same_walk(result, path_folding(model, starts, ends, steps=100_000, layers=["relu"]))
+    assert_same_walk(result, path_folding(model, starts, ends, steps=DENSE_STEPS, layers=["relu"]))
 
 
 class Hidden(nn.Module):
