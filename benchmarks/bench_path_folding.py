@@ -4,7 +4,9 @@ Run: python benchmarks/bench_path_folding.py [--quick]
 
 - overhead: path_folding time / a plain batched forward over the same points (same batch size), no capture;
 - speed-up over the published approach (one batched forward per path) and over one forward per point;
-- peak memory of 2048 steps against 64 steps (each in a fresh subprocess, resident-set growth during the call).
+- peak memory of 2048 steps against 64 steps (each in a fresh subprocess, resident-set growth during the call);
+- the cost of the finiteness check: path_folding / path_folding with the check switched off (min/median/max over
+  rounds, each the best of 3 interleaved calls).
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from common import best_times, cnn, mlp
@@ -21,6 +26,7 @@ from torch import nn
 
 from lightning_spacefold import find_layers, fold_measure, path_folding
 from lightning_spacefold.capture import capture_activations, evaluation_mode
+from lightning_spacefold.finite import FiniteCheck
 from lightning_spacefold.folding import default_batch_size, segment_points
 
 
@@ -104,9 +110,36 @@ def compare(name: str, model: nn.Module, starts: torch.Tensor, ends: torch.Tenso
     assert torch.equal(path_folding(model, starts, ends, steps=steps).chi, reference), "results differ"
 
 
+@contextmanager
+def finite_check_off() -> Iterator[None]:
+    """path_folding without its finiteness check: the check's reductions replaced by no-ops."""
+    saved = FiniteCheck.add, FiniteCheck.end_pass, FiniteCheck.check
+    FiniteCheck.add = FiniteCheck.end_pass = FiniteCheck.check = lambda *args: None
+    try:
+        yield
+    finally:
+        FiniteCheck.add, FiniteCheck.end_pass, FiniteCheck.check = saved
+
+
+def finite_check_cost(name: str, model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, rounds: int) -> None:
+    def unchecked() -> None:
+        with finite_check_off():
+            path_folding(model, starts, ends, steps=64)
+
+    ratios = []
+    for _ in range(rounds):
+        checked, off = best_times([lambda: path_folding(model, starts, ends, steps=64), unchecked], 3)
+        ratios.append(checked / off)
+    print(
+        f"{name}: finiteness check, path_folding / without the check = min {min(ratios):.3f}x, median "
+        f"{statistics.median(ratios):.3f}x, max {max(ratios):.3f}x over {rounds} rounds (target <= 1.02x)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and pairs (a smoke run)")
+    parser.add_argument("--finite-check", action="store_true", help="only the cost of the finiteness check")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
@@ -116,8 +149,14 @@ def main() -> None:
     repeats = 2 if args.quick else 5
     pairs, steps = (16, 64) if args.quick else (64, 64)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {pairs} pairs x {steps} steps")
-    for name, model in (("MLP 784-256x4-10", mlp()), ("CNN 1x28x28", cnn())):
-        compare(name, model, torch.rand(pairs, 1, 28, 28), torch.rand(pairs, 1, 28, 28), steps, repeats)
+    networks = (("MLP 784-256x4-10", mlp()), ("CNN 1x28x28", cnn()))
+    for name, model in networks:
+        starts, ends = torch.rand(pairs, 1, 28, 28), torch.rand(pairs, 1, 28, 28)
+        if not args.finite_check:
+            compare(name, model, starts, ends, steps, repeats)
+        finite_check_cost(name, model, starts, ends, 3 if args.quick else 9)
+    if args.finite_check:
+        return
     small, large = peak_memory(64), peak_memory(2048)
     ratio = max(large["growth_kib"], 1) / max(small["growth_kib"], 1)
     print(

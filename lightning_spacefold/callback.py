@@ -81,8 +81,9 @@ class SpaceFoldingCallback(Callback):
     collective) whether a measurement succeeded everywhere before they synchronise, so a failure on one process
     skips the step on all of them. Every process runs the same number of forward passes of the same size (shares
     are padded with repeated paths whose results are dropped), as strategies that gather sharded parameters in
-    every forward pass (FSDP, DeepSpeed ZeRO-3) need; ``exact=True``, whose forward passes depend on the data, is
-    rejected under them.
+    every forward pass (FSDP, DeepSpeed ZeRO-3) need; under them an out-of-memory error is not retried on one
+    process alone (it skips the step, and all processes measure with half the points from the next one), and
+    ``exact=True``, whose forward passes depend on the data, is rejected.
 
     The model is called as ``pl_module(inputs)`` on a batch of probe inputs.
 

@@ -6,6 +6,15 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_spacefold import path_folding
+from lightning_spacefold.probe import draw_probe, pair_probe
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
@@ -85,3 +94,45 @@ def test_regularization_experiment(tmp_path: Path) -> None:
     assert [row["weight"] for row in rows] == [0.0, 1.0]
     assert (tmp_path / "results.md").read_text().startswith("| weight |")
     assert (tmp_path / "folding_over_training.png").stat().st_size > 0
+
+
+def test_measure_checkpoints(tmp_path: Path, monkeypatch) -> None:
+
+    monkeypatch.chdir(tmp_path)
+    digits = load("digits")
+    torch.manual_seed(0)
+    pl.Trainer(
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[ModelCheckpoint(dirpath="ckpt", every_n_train_steps=2, save_top_k=-1)],
+    ).fit(digits.MLPClassifier(), datamodule=digits.DigitsDataModule())
+    arguments = ["ckpt", "--out", "measured", "--num-pairs", "12", "--steps", "16", "--pairing", "random"]
+    rows = load("measure_checkpoints").main(arguments)
+    assert [row["step"] for row in rows] == [2, 4]
+    tags = [event.step for event in events_of(tmp_path / "measured", "spacefold/folding")]
+    assert tags == [2, 4]
+    lines = (tmp_path / "measured" / "folding.csv").read_text().splitlines()
+    assert lines[0].startswith("step,checkpoint,spacefold/folding,") and len(lines) == 3
+    # Each row is the checkpoint's own folding on one fixed set of pairs (drawn as the callback draws them).
+    datamodule = digits.DigitsDataModule()
+    datamodule.setup("validate")
+    inputs, _ = draw_probe(datamodule.val_set, 512, 0)
+    pairs = pair_probe(
+        inputs, None, pairing="random", num_pairs=12, include_same_class=True, centroids_per_class=5, seed=0
+    )
+    for row, path in zip(rows, sorted(Path("ckpt").glob("*.ckpt")), strict=True):
+        model = digits.MLPClassifier.load_from_checkpoint(path)
+        direct = path_folding(model, pairs.starts, pairs.ends, steps=16).chi.mean().item()
+        assert row["spacefold/folding"] == pytest.approx(direct, abs=1e-6)
+    assert rows[0]["spacefold/folding"] != rows[1]["spacefold/folding"]
+
+
+def events_of(directory: Path, tag: str) -> list:
+    found = []
+    for path in sorted(directory.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            found += accumulator.Scalars(tag)
+    return sorted(found, key=lambda event: event.step)
