@@ -8,12 +8,19 @@ counted again. The captured tensor is always the pre-activation, taken before th
 give the bits of their input.
 
 Layer names: the module's qualified name (``features.1``); for a functional call the enclosing module's name and
-the function (``block.relu``, or ``relu`` at the top level); a name that occurs several times in one forward pass
-(a shared module, a loop) gets ``#1``, ``#2``, ... in call order.
+the function (``block.relu``, or ``relu`` at the top level), except inside an activation written as a module
+around functional calls (a class named like an activation, without submodules or parameters of its own, such as
+Hugging Face's ``NewGELUActivation``, which calls ``torch.tanh``): such a call is named after the module
+(``h.0.mlp.act``). A name that occurs several times in one forward pass (a shared module, a loop) gets ``#1``,
+``#2``, ... in call order.
+
+Gated units (SwiGLU, ``silu(u) * v`` in LLaMA-style MLPs) are declared with :func:`register_swiglu`: the product
+that enters the MLP's output projection is then the layer, with the papers' bit (``silu(u) * v > 0``).
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -29,9 +36,11 @@ __all__ = [
     "ActivationRule",
     "LayerInfo",
     "capture_activations",
+    "check_forward",
     "find_layers",
     "has_functional_layers",
     "register_activation",
+    "register_swiglu",
 ]
 
 
@@ -148,6 +157,8 @@ def register_activation(
 
 
 def _module_rule(module: nn.Module) -> Callable[[nn.Module], ActivationRule] | None:
+    if hasattr(module, _GATED_PRODUCT):
+        return _constant(_SMOOTH)
     for cls in type(module).__mro__:
         if cls in _MODULE_RULES:
             return _MODULE_RULES[cls]
@@ -186,7 +197,10 @@ class _Capture:
         self.transform = transform
         self.select = select
         self.module_stack: list[str] = []
+        # Per module on the stack: the class name when it is activation-like (its functional calls take its name).
+        self.wrapper_stack: list[str | None] = []
         self.activation_depth = 0
+        self.gated_depth = 0  # inside a declared gated MLP, whose own activation calls are not layers
         self.transforming = False
         self.base_names: list[str] = []
         self.activations: list[str] = []
@@ -221,11 +235,16 @@ class _FunctionalActivations(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         capture = self.capture
-        if func in _FUNCTION_LOOKUP and capture.activation_depth == 0 and not capture.transforming:
+        counted = capture.activation_depth == 0 and capture.gated_depth == 0 and not capture.transforming
+        if func in _FUNCTION_LOOKUP and counted:
             name, rule = _FUNCTION_LOOKUP[func]
             owner = capture.module_stack[-1] if capture.module_stack else ""
-            pre_activation = args[0] if args else kwargs["input"]
-            capture.record(f"{owner}.{name}" if owner else name, f"F.{name}", rule(args, kwargs), pre_activation)
+            wrapper = capture.wrapper_stack[-1] if capture.wrapper_stack else None
+            if wrapper is not None:
+                layer, activation = owner, f"{wrapper}(F.{name})"
+            else:
+                layer, activation = f"{owner}.{name}" if owner else name, f"F.{name}"
+            capture.record(layer, activation, rule(args, kwargs), args[0] if args else kwargs["input"])
         return func(*args, **kwargs)
 
 
@@ -259,10 +278,10 @@ def capture_activations(
     try:
         for qualified_name, module in model.named_modules():
             rule = _module_rule(module)
-            if rule is None and not functional:
+            if rule is None and not functional and not hasattr(module, _GATED_MLP):
                 continue
             handles.append(module.register_forward_pre_hook(_enter_hook(capture, qualified_name, module, rule)))
-            handles.append(module.register_forward_hook(_exit_hook(capture, rule), always_call=True))
+            handles.append(module.register_forward_hook(_exit_hook(capture, module, rule), always_call=True))
         with _FunctionalActivations(capture) if functional else nullcontext():
             yield capture
     finally:
@@ -278,28 +297,117 @@ def has_functional_layers(layers: list[LayerInfo]) -> bool:
 def _enter_hook(
     capture: _Capture, name: str, module: nn.Module, rule: Callable[[nn.Module], ActivationRule] | None
 ) -> Callable[..., None]:
+    wrapper = type(module).__name__ if rule is None and _is_activation_like(module) else None
+    gated = hasattr(module, _GATED_MLP)
+
     def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
         capture.module_stack.append(name)
+        capture.wrapper_stack.append(wrapper)
         if rule is not None:
+            # A declared gated product is read inside its MLP; any other activation there is part of the unit.
             outermost = capture.activation_depth == 0 and not capture.transforming
+            outermost = outermost and (capture.gated_depth == 0 or hasattr(module, _GATED_PRODUCT))
             # Counted before recording: the exit hook always runs, also when the transform raises.
             capture.activation_depth += 1
             if outermost:
-                capture.record(name or type(module).__name__, type(module).__name__, rule(module), args[0])
+                activation = "SwiGLU" if hasattr(module, _GATED_PRODUCT) else type(module).__name__
+                capture.record(name or type(module).__name__, activation, rule(module), args[0])
+        if gated:
+            capture.gated_depth += 1
 
     return hook
 
 
-def _exit_hook(capture: _Capture, rule: Callable[[nn.Module], ActivationRule] | None) -> Callable[..., None]:
+def _exit_hook(
+    capture: _Capture, module: nn.Module, rule: Callable[[nn.Module], ActivationRule] | None
+) -> Callable[..., None]:
+    gated = hasattr(module, _GATED_MLP)
+
     def hook(_module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
         capture.module_stack.pop()
+        capture.wrapper_stack.pop()
         if rule is not None:
             capture.activation_depth -= 1
+        if gated:
+            capture.gated_depth -= 1
 
     return hook
 
 
-def find_layers(model: nn.Module, inputs: Tensor) -> list[LayerInfo]:
+def _is_activation_like(module: nn.Module) -> bool:
+    """An activation written as a module around functional calls, e.g. Hugging Face's ``NewGELUActivation``.
+
+    Recognised by its class name and by having neither submodules nor parameters of its own.
+    """
+    return (
+        _ACTIVATION_CLASS_NAME.search(type(module).__name__) is not None
+        and next(module.children(), None) is None
+        and next(module.parameters(recurse=False), None) is None
+    )
+
+
+_ACTIVATION_CLASS_NAME = re.compile(r"activation|gelu|silu|swish|mish|relu|sigmoid|tanh|softplus", re.IGNORECASE)
+
+
+# Attributes that register_swiglu sets on the modules of a model (attributes, so that they travel with the model to
+# other processes): the output projection whose input is the gated product, and the MLP around it.
+_GATED_PRODUCT = "_spacefold_gated_product"
+_GATED_MLP = "_spacefold_gated_mlp"
+
+
+def register_swiglu(model: nn.Module, projection: str = "down_proj") -> list[str]:
+    """Declare the SwiGLU units of LLaMA-style gated MLPs, with the papers' bit: 1 iff ``silu(u) * v > 0``.
+
+    A gated MLP computes ``projection(act(gate(x)) * up(x))``; its units are the products ``silu(u) * v``, whose
+    bit is 1 iff ``u`` and ``v`` have the same sign. After this call, the input of every submodule named
+    ``projection`` (the last part of its qualified name) is an activation layer named after that submodule, with
+    activation ``SwiGLU``, and the activations called inside the MLP around it (the SiLU of ``u``) are no longer
+    layers of their own. The declaration is stored on the model's modules (it travels with the model, e.g. to DDP
+    processes). Exact traversal does not apply: the unit is not piecewise linear.
+
+    Args:
+        model: The network, e.g. a Hugging Face ``LlamaForCausalLM``.
+        projection: The name of the output projection in each gated MLP (``down_proj`` in LLaMA, Mistral, Qwen).
+
+    Returns:
+        The qualified names of the declared layers, in module order.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module`` or ``projection`` is not a string.
+        ValueError: If no submodule is named ``projection``.
+
+    Example:
+        >>> class GatedMLP(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(2, 4), nn.Linear(2, 4), nn.Linear(4, 2)
+        ...
+        ...     def forward(self, x):
+        ...         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        >>> model = nn.Sequential(GatedMLP(), GatedMLP())
+        >>> register_swiglu(model)
+        ['0.down_proj', '1.down_proj']
+        >>> [(layer.name, layer.activation, layer.num_units) for layer in find_layers(model, torch.randn(1, 2))]
+        [('0.down_proj', 'SwiGLU', 4), ('1.down_proj', 'SwiGLU', 4)]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(projection, str):
+        raise TypeError(f"`projection` must be the name of the output projection, got {projection!r}.")
+    modules = dict(model.named_modules())
+    declared = [name for name in modules if name.rpartition(".")[2] == projection]
+    if not declared:
+        raise ValueError(
+            f"No submodule of {type(model).__name__} is named {projection!r}; pass `projection`, the name of the "
+            "gated MLPs' output projection (the module that receives silu(u) * v)."
+        )
+    for name in declared:
+        setattr(modules[name], _GATED_PRODUCT, True)
+        setattr(modules[name.rpartition(".")[0]], _GATED_MLP, True)
+    return declared
+
+
+def find_layers(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any] | None = None) -> list[LayerInfo]:
     """List the activation layers of a model in forward order, with their unit counts.
 
     Runs one forward pass without gradients on ``inputs`` (use a small batch), in eval mode; the model's
@@ -307,21 +415,24 @@ def find_layers(model: nn.Module, inputs: Tensor) -> list[LayerInfo]:
 
     Args:
         model: The network.
-        inputs: A batch of example inputs ``[B, *input_shape]`` as the model takes them.
+        inputs: A batch of example inputs ``[B, *input_shape]`` as the model (or ``forward``) takes them.
+        forward: The function that maps the batch to outputs, with the model's layers inside (for example the part
+            of a language model after its embedding); ``model`` itself by default.
 
     Returns:
         One :class:`LayerInfo` per activation call. Empty when the model has no supported activation.
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module`` or ``inputs`` is not a tensor.
+        TypeError: If ``model`` is not an ``nn.Module``, ``inputs`` is not a tensor or ``forward`` is not callable.
         ValueError: If an activation's pre-activation is not batch-first.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_forward(forward)
     if not isinstance(inputs, Tensor):
         raise TypeError(f"`inputs` must be a torch.Tensor batch, got {type(inputs).__name__}.")
     with evaluation_mode(model), capture_activations(model, lambda _position, z, _rule: z) as capture:
-        model(inputs)
+        (model if forward is None else forward)(inputs)
     pre_activations = capture.values
     names = capture.names
     for name, z in zip(names, pre_activations, strict=True):
@@ -330,6 +441,15 @@ def find_layers(model: nn.Module, inputs: Tensor) -> list[LayerInfo]:
         LayerInfo(name, activation, z[0].numel())
         for name, activation, z in zip(names, capture.activations, pre_activations, strict=True)
     ]
+
+
+def check_forward(forward: object) -> None:
+    """Raise a clear TypeError when ``forward`` is neither ``None`` nor callable."""
+    if forward is not None and not callable(forward):
+        raise TypeError(
+            f"`forward` must be None (call the model) or a callable mapping a batch of points to outputs, got "
+            f"{type(forward).__name__}."
+        )
 
 
 def check_batch_first(name: str, pre_activation: Tensor, batch_size: int) -> None:

@@ -339,7 +339,7 @@ class _MaxPoolWatch(TorchFunctionMode):
 
 
 def _evaluate(
-    model: nn.Module,
+    run: Callable[[Tensor], Any],
     capture: Any,
     probe: _Probe,
     segments: tuple[Tensor, Tensor],
@@ -361,7 +361,7 @@ def _evaluate(
         probe.reset(len(chunk_t))
         capture.reset()
         with fwAD.dual_level():
-            output = model(fwAD.make_dual(points, (second - first).to(dtype)))
+            output = run(fwAD.make_dual(points, (second - first).to(dtype)))
             # Non-finite values would also fail the consistency check, with a misleading message: report them first.
             probe.finite.end_pass(fwAD.unpack_dual(output).primal if isinstance(output, Tensor) else output)
             probe.finite.check()
@@ -454,9 +454,11 @@ def _check_consistency(left: _Points, right: _Points, names: list[str], toleranc
         )
 
 
-def _require_piecewise_linear(model: nn.Module, sample: Tensor, layers: list[LayerInfo], last: int) -> None:
+def _require_piecewise_linear(
+    model: nn.Module, run: Callable[[Tensor], Any], sample: Tensor, layers: list[LayerInfo], last: int
+) -> None:
     with capture_activations(model, lambda _position, _z, rule: rule) as capture:
-        model(sample)
+        run(sample)
     smooth = [
         f"{layer.name!r} ({layer.activation})"
         for layer, rule in zip(layers[: last + 1], capture.values, strict=False)
@@ -502,6 +504,7 @@ def exact_folding(
     layers: list[LayerInfo],
     selected: list[int],
     batch_size: int,
+    forward: Callable[[Tensor], Any] | None = None,
 ) -> FoldingResult:
     """Exact folding of each segment ``starts[p] -> ends[p]`` of a piecewise-linear network.
 
@@ -516,6 +519,7 @@ def exact_folding(
         layers: All activation layers of the model in forward order (:func:`~lightning_spacefold.find_layers`).
         selected: Indices into ``layers`` of the layers to measure (non-empty, ascending).
         batch_size: Points per forward pass.
+        forward: The function that maps a batch of points to outputs; ``model`` itself by default.
 
     Returns:
         A :class:`~lightning_spacefold.FoldingResult` with ``steps=None``, ``distances=None`` and ``regions``: the
@@ -538,8 +542,9 @@ def exact_folding(
     layout = [(slice(offsets[k], offsets[k + 1]), layers[index].num_units) for k, index in enumerate(selected)]
     names = [layer.name for layer in layers[: last + 1]]
 
+    run = model if forward is None else forward
     with evaluation_mode(model):
-        _require_piecewise_linear(model, starts[:1], layers, last)
+        _require_piecewise_linear(model, run, starts[:1], layers, last)
         probe = _Probe(layers, selected, last, device, starts.dtype)
         measured = frozenset(range(last + 1))  # later layers cannot change the result
         with (
@@ -548,7 +553,7 @@ def exact_folding(
         ):
 
             def evaluate(path: Tensor, t: Tensor) -> _Points:
-                return _evaluate(model, capture, probe, segments, path, t, batch_size, starts.dtype, len(layers))
+                return _evaluate(run, capture, probe, segments, path, t, batch_size, starts.dtype, len(layers))
 
             points = evaluate(*_initial_points(len(starts), batch_size, device))
             tally = _Tally(points.pattern[points.t == 0], layout, batch_size)

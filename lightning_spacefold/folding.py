@@ -8,7 +8,7 @@ pattern, the packed previous pattern and the running range and length are kept.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from lightning_spacefold.capture import (
     LayerInfo,
     capture_activations,
     check_batch_first,
+    check_forward,
     evaluation_mode,
     find_layers,
     has_functional_layers,
@@ -43,13 +44,17 @@ MIN_BATCH_SIZE = 64
 MAX_BATCH_SIZE = 8192
 
 
-def discover_layers(model: nn.Module, starts: Tensor, ends: Tensor) -> list[LayerInfo]:
+Forward = Callable[[Tensor], Any]
+"""A function that maps a batch of path points to the network's outputs, with the model's layers inside."""
+
+
+def discover_layers(model: nn.Module, starts: Tensor, ends: Tensor, forward: Forward | None = None) -> list[LayerInfo]:
     """The model's activation layers, found on the first path's two ends.
 
     Two inputs rather than one: layers that normalise with the statistics of the batch (BatchNorm without running
     statistics) fail on a batch of one.
     """
-    return find_layers(model, torch.cat([starts[:1], ends[:1]]))
+    return find_layers(model, torch.cat([starts[:1], ends[:1]]), forward)
 
 
 def segment_points(starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
@@ -141,6 +146,7 @@ def path_folding(
     batch_size: int | None = None,
     return_distances: bool = False,
     exact: bool = False,
+    forward: Forward | None = None,
 ) -> FoldingResult:
     """Measure how the network folds each segment from ``starts[p]`` to ``ends[p]``.
 
@@ -150,7 +156,7 @@ def path_folding(
     also when the forward raises. Call it under ``torch.autocast`` to measure the mixed-precision network.
 
     Args:
-        model: The network; it must take a batch ``[B, *input_shape]``.
+        model: The network; it must take a batch ``[B, *input_shape]`` (or ``forward`` does).
         starts: Start of each path, ``[P, *input_shape]``, floating point.
         ends: End of each path, same shape, dtype and device as ``starts``.
         steps: Number of segments per path; ``steps + 1`` points are evaluated.
@@ -162,20 +168,23 @@ def path_folding(
             ``steps + 1`` points (piecewise-linear networks; see :mod:`lightning_spacefold.exact`). ``chi`` is then
             the limit of dense sampling, ``steps`` is ignored and the result has ``regions``, the number of pieces
             with a constant pattern along each path. It runs without autocast, in the model's own dtype.
+        forward: The function that maps a batch of points to outputs, for paths in a space that the model does not
+            take directly: e.g. ``lambda points: model(inputs_embeds=points).logits`` for paths between the
+            embeddings of two token sequences. The layers are still found in ``model``. ``model`` itself by default.
 
     Returns:
         A :class:`FoldingResult` on the inputs' device.
 
     Raises:
-        TypeError: If the model or the inputs have the wrong type.
+        TypeError: If the model or the inputs have the wrong type, or ``forward`` is not callable.
         ValueError: For inputs of different shapes, empty, non-finite, ``steps < 1``, ``batch_size < 1``, a model
             with no supported activation, an unknown layer name, ``return_distances`` with ``exact``, or with
             ``exact`` a model that is not piecewise linear (naming the layer).
         NonFiniteError: A ``ValueError`` raised when a pre-activation of a measured layer, or the model's output, is
             NaN or infinite (a diverged or overflowed network), naming the first such layer.
     """
-    check_path_arguments(model, starts, ends, steps, batch_size)
-    found = discover_layers(model, starts, ends)
+    check_path_arguments(model, starts, ends, steps, batch_size, forward)
+    found = discover_layers(model, starts, ends, forward)
     selected = select_layers(model, [layer.name for layer in found], layers)
     names = [found[index].name for index in selected]
     batch_size = default_batch_size(found, starts) if batch_size is None else batch_size
@@ -184,12 +193,13 @@ def path_folding(
             raise ValueError("`return_distances` needs sampled points; it cannot be combined with `exact=True`.")
         # Crossing times need the model's own precision: bfloat16 breaks the affine models of the traversal.
         with torch.autocast(starts.device.type, enabled=False):
-            return exact_folding(model, starts, ends, found, selected, batch_size)
+            return exact_folding(model, starts, ends, found, selected, batch_size, forward)
 
     num_paths, num_points = len(starts), steps + 1
     group_size = _balanced(num_paths, max(1, batch_size // min(num_points, batch_size)))
     chunk_size = _balanced(num_points, max(1, batch_size // group_size))
     t = torch.arange(num_points, dtype=torch.float64, device=starts.device) / steps
+    run = model if forward is None else forward
     walks, distances = [], []
     finite = FiniteCheck(names)
     with evaluation_mode(model):
@@ -203,7 +213,7 @@ def path_folding(
                     chunk_t = t[begin : begin + chunk_size]
                     walk.chunk_points = len(chunk_t)
                     capture.reset()
-                    output = model(segment_points(starts[group], ends[group], chunk_t))
+                    output = run(segment_points(starts[group], ends[group], chunk_t))
                     if len(capture.base_names) != len(found):
                         raise ValueError(
                             f"The model ran {len(found)} activation layers on one batch and {len(capture.base_names)} "
@@ -234,7 +244,13 @@ def path_folding(
 
 
 def path_patterns(
-    model: nn.Module, starts: Tensor, ends: Tensor, *, steps: int = 64, layers: Sequence[str] | None = None
+    model: nn.Module,
+    starts: Tensor,
+    ends: Tensor,
+    *,
+    steps: int = 64,
+    layers: Sequence[str] | None = None,
+    forward: Forward | None = None,
 ) -> Tensor:
     """The activation patterns themselves at the ``steps + 1`` points of each segment, in one forward pass.
 
@@ -247,6 +263,8 @@ def path_patterns(
         ends: End of each path, same shape, dtype and device as ``starts``.
         steps: Number of segments per path, at the same ``t_i = i / steps`` as :func:`path_folding`.
         layers: Names of the layers whose bits to concatenate (forward order); ``None`` for all.
+        forward: The function that maps a batch of points to outputs (see :func:`path_folding`); ``model`` by
+            default.
 
     Returns:
         Boolean patterns ``[P, steps + 1, M]`` (M: units of the selected layers).
@@ -255,8 +273,8 @@ def path_patterns(
         TypeError: If the model or the inputs have the wrong type.
         ValueError: As :func:`path_folding`.
     """
-    check_path_arguments(model, starts, ends, steps, None)
-    found = discover_layers(model, starts, ends)
+    check_path_arguments(model, starts, ends, steps, None, forward)
+    found = discover_layers(model, starts, ends, forward)
     selected = select_layers(model, [layer.name for layer in found], layers)
     t = torch.arange(steps + 1, dtype=torch.float64, device=starts.device) / steps
     finite = FiniteCheck([found[index].name for index in selected])
@@ -269,7 +287,7 @@ def path_patterns(
         evaluation_mode(model),
         capture_activations(model, bits, frozenset(selected), has_functional_layers(found)) as capture,
     ):
-        finite.end_pass(model(segment_points(starts, ends, t)))
+        finite.end_pass((model if forward is None else forward)(segment_points(starts, ends, t)))
     finite.check()
     return torch.cat(capture.values, dim=1).unflatten(0, (len(starts), steps + 1))
 
@@ -286,10 +304,18 @@ def _stitch(chunks: list[Tensor], num_paths: int, group_size: int) -> Tensor:
     return torch.cat([torch.cat(chunks[g * per_group : (g + 1) * per_group], dim=1) for g in range(num_groups)]).long()
 
 
-def check_path_arguments(model: nn.Module, starts: Tensor, ends: Tensor, steps: int, batch_size: int | None) -> None:
-    """Raise a clear TypeError/ValueError for a bad model, bad segment ends, ``steps`` or ``batch_size``."""
+def check_path_arguments(
+    model: nn.Module,
+    starts: Tensor,
+    ends: Tensor,
+    steps: int,
+    batch_size: int | None,
+    forward: Forward | None = None,
+) -> None:
+    """Raise a clear TypeError/ValueError for a bad model, ``forward``, segment ends, ``steps`` or ``batch_size``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_forward(forward)
     for name, value in (("starts", starts), ("ends", ends)):
         if not isinstance(value, Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor of shape [P, *input_shape], got {type(value).__name__}.")

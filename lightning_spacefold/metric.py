@@ -9,7 +9,7 @@ processes equal those of one process that saw all paths.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -177,15 +177,18 @@ class SpaceFolding(Metric):
         ends: Tensor,
         start_labels: Tensor | None = None,
         end_labels: Tensor | None = None,
+        forward: Callable[[Tensor], Any] | None = None,
     ) -> None:
         """Measure the folding of the paths from ``starts[p]`` to ``ends[p]`` and accumulate it.
 
         Args:
-            model: The network; it must take a batch ``[B, *input_shape]``.
+            model: The network; it must take a batch ``[B, *input_shape]`` (or ``forward`` does).
             starts: Start of each path, ``[P, *input_shape]``, floating point.
             ends: End of each path, same shape, dtype and device as ``starts``.
             start_labels: Class of each start, ``[P]`` integers in ``[0, num_classes)``; with ``num_classes`` only.
             end_labels: Class of each end, ``[P]``; given exactly when ``start_labels`` is.
+            forward: The function that maps a batch of points to outputs (see
+                :func:`~lightning_spacefold.path_folding`); ``model`` by default.
 
         Raises:
             TypeError: For arguments of the wrong type (see also :func:`~lightning_spacefold.path_folding`).
@@ -196,7 +199,14 @@ class SpaceFolding(Metric):
         num_paths = starts.shape[0] if isinstance(starts, Tensor) and starts.ndim > 0 else None
         labels = self._check_labels(start_labels, end_labels, num_paths)
         result = path_folding(
-            model, starts, ends, steps=self.steps, layers=self.layers, batch_size=self.batch_size, exact=self.exact
+            model,
+            starts,
+            ends,
+            steps=self.steps,
+            layers=self.layers,
+            batch_size=self.batch_size,
+            exact=self.exact,
+            forward=forward,
         )
         self._accumulate(result, labels)
 

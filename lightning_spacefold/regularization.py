@@ -70,7 +70,13 @@ from lightning_spacefold.capture import (
     check_batch_first,
     has_functional_layers,
 )
-from lightning_spacefold.folding import check_path_arguments, discover_layers, segment_points, select_layers
+from lightning_spacefold.folding import (
+    Forward,
+    check_path_arguments,
+    discover_layers,
+    segment_points,
+    select_layers,
+)
 
 __all__ = ["SCHEDULES", "folding_penalty", "regularization_weight", "soft_folding"]
 
@@ -90,6 +96,7 @@ def soft_folding(
     layers: Sequence[str] | None = None,
     smooth_max: float = 8.0,
     eps: float = 1e-2,
+    forward: Forward | None = None,
 ) -> Tensor:
     """Differentiable surrogate of the folding of each segment from ``starts[p]`` to ``ends[p]``.
 
@@ -109,6 +116,8 @@ def soft_folding(
             larger is closer to the hard maximum.
         eps: Added to the range and the length (in bits) before dividing: paths shorter than about ``eps`` bits
             count as not folding.
+        forward: The function that maps a batch of points to outputs (see
+            :func:`~lightning_spacefold.path_folding`); ``model`` by default. Gradients reach the parameters it uses.
 
     Returns:
         ``chi_soft`` in ``[0, 1)``, shape ``[P]``, float32 (float64 for float64 inputs); NaN for a path along which
@@ -120,10 +129,10 @@ def soft_folding(
             that is not positive and finite, a model with no supported activation, an unknown layer name, a
             selected layer with a custom ``bits`` rule or a pre-activation that is not batch-first.
     """
-    check_path_arguments(model, starts, ends, steps, None)
+    check_path_arguments(model, starts, ends, steps, None, forward)
     for name, value in (("temperature", temperature), ("smooth_max", smooth_max), ("eps", eps)):
         _check_positive(name, value)
-    found = discover_layers(model, starts, ends)
+    found = discover_layers(model, starts, ends, forward)
     selected = select_layers(model, [layer.name for layer in found], layers)
 
     num_paths, num_points = len(starts), steps + 1
@@ -150,7 +159,7 @@ def soft_folding(
         _frozen_running_statistics(model),
         capture_activations(model, soft_bits, frozenset(selected), has_functional_layers(found)) as capture,
     ):
-        output = model(segment_points(starts, ends, t))
+        output = (model if forward is None else forward)(segment_points(starts, ends, t))
     if isinstance(output, Tensor) and output.is_floating_point() and output.shape[:1] == (num_paths * num_points,):
         finite.append(torch.isfinite(output.detach().reshape(num_paths, -1).sum(-1)))
     bits = torch.cat(capture.values, dim=-1)  # [P, steps + 1, units]
