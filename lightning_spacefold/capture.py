@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,10 +70,14 @@ def _hardtanh_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ActivationR
     return ActivationRule(kinks=(float(min_val), float(max_val)))
 
 
+def _hardtanh_module(module: nn.Hardtanh) -> ActivationRule:
+    return ActivationRule(kinks=(float(module.min_val), float(module.max_val)))
+
+
 # Module class -> rule for one of its instances (nn.ReLU6 is an nn.Hardtanh and takes its rule).
 _MODULE_RULES: dict[type[nn.Module], Callable[[nn.Module], ActivationRule]] = {
     **dict.fromkeys((nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU), _constant(_RELU_LIKE)),
-    nn.Hardtanh: lambda module: ActivationRule(kinks=(float(module.min_val), float(module.max_val))),
+    nn.Hardtanh: lambda module: _hardtanh_module(cast(nn.Hardtanh, module)),
     nn.Hardsigmoid: _constant(_HARDSIGMOID),
     **dict.fromkeys(
         (nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Softplus),

@@ -109,6 +109,7 @@ class _Walk:
         """Close the chunk: update the whole-network range; return its distances from the start ``[G, K]``."""
         self.finite.end_pass(output)
         from_start, self.from_start = self.from_start, 0
+        assert isinstance(from_start, Tensor), "every chunk passes through at least one activation layer"
         self.r1 = torch.maximum(self.r1, from_start.amax(-1))
         return from_start
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -302,7 +302,8 @@ class SpaceFolding(Metric):
         if isinstance(val, dict):
             val = _scalar_entries(val)
         elif isinstance(val, Sequence) and val and isinstance(val[0], dict):
-            val = [_scalar_entries(value) for value in val]
+            # A sequence whose first entry is a dict holds dicts only (_PlotValue).
+            val = [_scalar_entries(value) for value in cast(Sequence[dict[str, Tensor]], val)]
         return self._plot(val, ax)
 
     def _check_labels(

@@ -145,7 +145,7 @@ def class_pairs(
             ``include_same_class`` is true and a class has a single sample.
     """
     _check_inputs(inputs)
-    labels = _check_labels(_require_labels(labels), inputs)
+    labels = _require_labels(_check_labels(labels, inputs))
     _check_positive_int(num_pairs, "num_pairs")
     gen = _as_generator(generator)
     classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
@@ -202,7 +202,7 @@ def centroid_pairs(
             false or with ``centroids_per_class == 1``).
     """
     _check_inputs(inputs)
-    labels = _check_labels(_require_labels(labels), inputs)
+    labels = _require_labels(_check_labels(labels, inputs))
     _check_positive_int(centroids_per_class, "centroids_per_class")
     _check_non_negative_int(iterations, "iterations")
     gen = _as_generator(generator)
