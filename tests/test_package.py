@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib.metadata import metadata, version
 from pathlib import Path
 
@@ -23,3 +24,14 @@ def test_license() -> None:
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "Copyright 2026 The lightning-spacefold authors" in text
     assert metadata("lightning-spacefold")["License-Expression"] == "Apache-2.0"
+
+
+def test_documentation_has_every_public_name() -> None:
+    documented = set(re.findall(r"^::: lightning_spacefold\.(\w+)$", (ROOT / "docs" / "api.md").read_text(), re.M))
+    assert set(lightning_spacefold.__all__) <= documented
+
+
+def test_getting_started_has_the_readme_commands() -> None:
+    readme_commands = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert readme_commands is not None
+    assert readme_commands.group(1) in (ROOT / "docs" / "getting-started.md").read_text()
