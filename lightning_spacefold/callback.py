@@ -204,9 +204,9 @@ class SpaceFoldingCallback(Callback):
             raise TypeError(f"`probe_dataset` must be a torch Dataset, got {type(probe_dataset).__name__}.")
         if layers is not None and (isinstance(layers, str) or not all(isinstance(name, str) for name in layers)):
             raise TypeError(f"`layers` must be None or a list of layer names, got {layers!r}.")
-        for name, value in (("input_key", input_key), ("label_key", label_key)):
-            if not (isinstance(value, str) or is_int(value, 0) or (value is None and name == "label_key")):
-                raise TypeError(f"`{name}` must be a batch index (int >= 0) or a dict key (str), got {value!r}.")
+        for name, key in (("input_key", input_key), ("label_key", label_key)):
+            if not (isinstance(key, str) or is_int(key, 0) or (key is None and name == "label_key")):
+                raise TypeError(f"`{name}` must be a batch index (int >= 0) or a dict key (str), got {key!r}.")
         if not is_int(seed, 0):
             raise ValueError(f"`seed` must be an integer >= 0, got {seed!r}.")
         if on_error not in _ON_ERROR:
@@ -421,8 +421,10 @@ class SpaceFoldingCallback(Callback):
         starts = self._inputs(trainer, pl_module, first.starts)
         found = discover_layers(pl_module, starts, self._inputs(trainer, pl_module, first.ends))
         names = [found[index].name for index in select_layers(pl_module, [layer.name for layer in found], self.layers)]
-        labels = pairs.start_labels
-        num_classes = None if labels is None else int(torch.cat([labels, pairs.end_labels]).max()) + 1
+        start_labels, end_labels = pairs.start_labels, pairs.end_labels
+        num_classes = None
+        if start_labels is not None and end_labels is not None:
+            num_classes = int(torch.cat([start_labels, end_labels]).max()) + 1
         self._metric = SpaceFolding(num_classes=num_classes).to(pl_module.device)
         self._batch_size = self.batch_size or default_batch_size(found, starts)
         if trainer.is_global_zero:

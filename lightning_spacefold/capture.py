@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -79,10 +79,14 @@ def _hardtanh_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ActivationR
     return ActivationRule(kinks=(float(min_val), float(max_val)))
 
 
+def _hardtanh_module(module: nn.Hardtanh) -> ActivationRule:
+    return ActivationRule(kinks=(float(module.min_val), float(module.max_val)))
+
+
 # Module class -> rule for one of its instances (nn.ReLU6 is an nn.Hardtanh and takes its rule).
 _MODULE_RULES: dict[type[nn.Module], Callable[[nn.Module], ActivationRule]] = {
     **dict.fromkeys((nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU), _constant(_RELU_LIKE)),
-    nn.Hardtanh: lambda module: ActivationRule(kinks=(float(module.min_val), float(module.max_val))),
+    nn.Hardtanh: lambda module: _hardtanh_module(cast(nn.Hardtanh, module)),
     nn.Hardsigmoid: _constant(_HARDSIGMOID),
     **dict.fromkeys(
         (nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Softplus),
@@ -138,11 +142,13 @@ def register_activation(
         TypeError: If ``module_type`` is not an ``nn.Module`` subclass, ``bits`` is not callable or ``kinks`` is not
             a tuple of numbers.
 
-    Example:
+    Examples:
         >>> class Square(nn.Module):
         ...     def forward(self, x):
         ...         return x * x
         >>> register_activation(Square, bits=lambda z: z.abs() > 1)
+        >>> find_layers(nn.Sequential(nn.Linear(2, 3), Square()), torch.zeros(1, 2))
+        [LayerInfo(name='1', activation='Square', num_units=3)]
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"`module_type` must be an nn.Module subclass, got {module_type!r}.")
@@ -425,6 +431,26 @@ def find_layers(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``, ``inputs`` is not a tensor or ``forward`` is not callable.
         ValueError: If an activation's pre-activation is not batch-first.
+
+    Examples:
+        Activation modules are named by their qualified names, functional calls by the enclosing module and the
+        function:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spacefold import find_layers
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.hidden = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        ...         self.out = nn.Linear(8, 3)
+        ...
+        ...     def forward(self, x):
+        ...         return torch.tanh(self.out(self.hidden(x)))
+        >>> for layer in find_layers(Net(), torch.zeros(1, 4)):
+        ...     print(layer)
+        LayerInfo(name='hidden.1', activation='ReLU', num_units=8)
+        LayerInfo(name='tanh', activation='F.tanh', num_units=3)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")

@@ -62,6 +62,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from types import EllipsisType
 from typing import Any
 
 import torch
@@ -213,7 +214,12 @@ def _windows(
     first = x.ndim - dims
     for d in range(dims):
         x = x.unfold(first + d, spans[d], stride[d])
-    return x[(..., *(slice(size) for size in out_size), *(slice(None, None, d) for d in dilation))]
+    index: tuple[EllipsisType | slice, ...] = (
+        ...,
+        *(slice(size) for size in out_size),
+        *(slice(None, None, d) for d in dilation),
+    )
+    return x[index]
 
 
 # The max-pooling functions a forward pass reaches (modules call them too), with their number of spatial dimensions.
@@ -318,8 +324,9 @@ class _Probe:
         slope_windows = _windows(slope, *geometry, fill=0.0)
         winner_slope = torch.zeros_like(pooled_value) if pooled_slope is None else pooled_slope
         for offset in itertools.product(*(range(k) for k in kernel)):  # one kernel position at a time: less memory
-            gap = pooled_value - value_windows[(..., *offset)]
-            self._constrain(gap.flatten(1), (winner_slope - slope_windows[(..., *offset)]).flatten(1))
+            position: tuple[EllipsisType | int, ...] = (..., *offset)
+            gap = pooled_value - value_windows[position]
+            self._constrain(gap.flatten(1), (winner_slope - slope_windows[position]).flatten(1))
 
 
 class _MaxPoolWatch(TorchFunctionMode):

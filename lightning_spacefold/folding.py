@@ -114,6 +114,7 @@ class _Walk:
         """Close the chunk: update the whole-network range; return its distances from the start ``[G, K]``."""
         self.finite.end_pass(output)
         from_start, self.from_start = self.from_start, 0
+        assert isinstance(from_start, Tensor), "every chunk passes through at least one activation layer"
         self.r1 = torch.maximum(self.r1, from_start.amax(-1))
         return from_start
 
@@ -182,6 +183,37 @@ def path_folding(
             ``exact`` a model that is not piecewise linear (naming the layer).
         NonFiniteError: A ``ValueError`` raised when a pre-activation of a measured layer, or the model's output, is
             NaN or infinite (a diverged or overflowed network), naming the first such layer.
+
+    Examples:
+        A ReLU network of one input with the units ``a = relu(x)``, ``b = relu(x - 1)`` and then
+        ``c = relu(a - 2 b - 0.5)``. From ``x = 0.25`` to ``1.75``, ``c`` switches on at 0.5, ``b`` at 1 and ``c``
+        off again at 1.5: the patterns ``(a, b, c)`` are 100, 101, 111, 110, at Hamming distances 0, 1, 2, 1 from
+        the start, so ``r1 = 2``, ``r2 = 3`` and ``chi = 1 - 2/3``.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spacefold import path_folding
+        >>> model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1), nn.ReLU())
+        >>> # a = relu(x), b = relu(x - 1), then c = relu(a - 2 b - 0.5): on when 0.5 < x < 1.5
+        >>> nn.utils.vector_to_parameters(torch.tensor([1.0, 1.0, 0.0, -1.0, 1.0, -2.0, -0.5]), model.parameters())
+        >>> starts, ends = torch.tensor([[0.25]]), torch.tensor([[1.75]])
+        >>> result = path_folding(model, starts, ends, steps=3)  # x = 0.25, 0.75, 1.25, 1.75
+        >>> result.r1, result.r2, result.chi
+        (tensor([2]), tensor([3]), tensor([0.3333]))
+
+        Per layer: the first ReLU's bits ``(a, b)`` switch once each (``chi = 0``); ``c`` goes on and off
+        (``r1 = 1``, ``r2 = 2``).
+
+        >>> result.layer_names, result.layer_chi
+        (['1', '3'], tensor([[0.0000, 0.5000]]))
+
+        Two points (``steps=1``) miss the way back; the exact traversal finds all four regions.
+
+        >>> path_folding(model, starts, ends, steps=1).chi
+        tensor([0.])
+        >>> exact = path_folding(model, starts, ends, exact=True)
+        >>> exact.chi, exact.regions
+        (tensor([0.3333]), tensor([4]))
     """
     check_path_arguments(model, starts, ends, steps, batch_size, forward)
     found = discover_layers(model, starts, ends, forward)
@@ -272,6 +304,25 @@ def path_patterns(
     Raises:
         TypeError: If the model or the inputs have the wrong type.
         ValueError: As :func:`path_folding`.
+
+    Examples:
+        The network and segment of :func:`path_folding`'s example; the patterns ``(a, b, c)`` at its four points:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spacefold import fold_measure, path_patterns
+        >>> model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1), nn.ReLU())
+        >>> # a = relu(x), b = relu(x - 1), then c = relu(a - 2 b - 0.5): on when 0.5 < x < 1.5
+        >>> nn.utils.vector_to_parameters(torch.tensor([1.0, 1.0, 0.0, -1.0, 1.0, -2.0, -0.5]), model.parameters())
+        >>> starts, ends = torch.tensor([[0.25]]), torch.tensor([[1.75]])
+        >>> patterns = path_patterns(model, starts, ends, steps=3)
+        >>> patterns.int()
+        tensor([[[1, 0, 0],
+                 [1, 0, 1],
+                 [1, 1, 1],
+                 [1, 1, 0]]], dtype=torch.int32)
+        >>> fold_measure(patterns)
+        tensor([0.3333])
     """
     check_path_arguments(model, starts, ends, steps, None, forward)
     found = discover_layers(model, starts, ends, forward)

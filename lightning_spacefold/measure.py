@@ -147,6 +147,12 @@ def fold_ranges(patterns: Tensor) -> tuple[Tensor, Tensor]:
     Raises:
         TypeError: If ``patterns`` is not a tensor.
         ValueError: If it has fewer than 2 dimensions, no point, or values other than 0 and 1.
+
+    Examples:
+        The walk 100, 101, 111, 110 is at Hamming distances 0, 1, 2, 1 from its start, one bit a step:
+
+        >>> fold_ranges(torch.tensor([[1, 0, 0], [1, 0, 1], [1, 1, 1], [1, 1, 0]]))
+        (tensor(2), tensor(3))
     """
     patterns = _as_patterns(patterns)
     from_start, from_previous = step_distances(patterns, patterns[..., 0, :])
@@ -162,9 +168,14 @@ def fold_measure(patterns: Tensor) -> Tensor:
     Returns:
         ``chi`` in ``[0, 1)``, shape ``[...]``.
 
-    Example:
+    Examples:
+        The walk 0000, 1100, 0011 is at distances 0, 2, 2 from its start and 2 + 4 bits long: ``chi = 1 - 2/6``.
+        Batched, with a walk that never turns back (``chi = 0``):
+
         >>> fold_measure(torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]]))
         tensor(0.6667)
+        >>> fold_measure(torch.tensor([[[0, 0], [1, 1], [1, 0]], [[0, 0], [1, 0], [1, 1]]]))
+        tensor([0.3333, 0.0000])
     """
     return folding_from_ranges(*fold_ranges(patterns))
 
@@ -177,6 +188,13 @@ def symmetric_fold_measure(patterns: Tensor) -> Tensor:
 
     Returns:
         The symmetrised folding, shape ``[...]``.
+
+    Examples:
+        00, 11, 10 has ``r1 = 2``, ``r2 = 3`` (``chi = 1/3``); backwards, 10, 11, 00 has ``r1 = 1``, ``r2 = 3``
+        (``chi = 2/3``):
+
+        >>> symmetric_fold_measure(torch.tensor([[0, 0], [1, 1], [1, 0]]))
+        tensor(0.5000)
     """
     patterns = _as_patterns(patterns)
     return (fold_measure(patterns) + fold_measure(patterns.flip(-2))) / 2
@@ -194,6 +212,13 @@ def interaction_profile(patterns: Tensor) -> Tensor:
 
     Returns:
         ``I`` of shape ``[..., N]`` (zero at both ends by construction).
+
+    Examples:
+        The walk 100, 101, 111, 110 folds (``chi = 1/3``) but neither 100, 101 nor 101, 111, 110 does, and neither
+        100, 101, 111 nor 111, 110:
+
+        >>> interaction_profile(torch.tensor([[1, 0, 0], [1, 0, 1], [1, 1, 1], [1, 1, 0]]))
+        tensor([0.0000, 0.3333, 0.3333, 0.0000])
     """
     patterns = _as_patterns(patterns)
     from_start, from_previous = step_distances(patterns, patterns[..., 0, :])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -81,34 +81,36 @@ class SpaceFolding(Metric):
         num_classes: Number of classes of the labels; when given, every update needs ``start_labels`` and
             ``end_labels`` and the output holds the class-pair matrices (their shape must be fixed in advance so
             that processes can sum them).
-        kwargs: Additional keyword arguments, see :ref:`Metric kwargs` for more info.
+        kwargs: Additional keyword arguments of :class:`~torchmetrics.Metric`.
 
     Raises:
         ValueError: If ``steps``, ``batch_size`` or ``num_classes`` is not a positive integer (``None`` allowed for
             the last two), or ``layers`` is empty.
         TypeError: If ``exact`` is not a bool or ``layers`` is not a sequence of strings.
 
-    Example::
+    Examples:
+        Two paths through the network of :func:`~lightning_spacefold.path_folding`'s example: one folds
+        (``chi = 1/3``, ``1/2`` on the last layer's bit), the other stays inside one region (``chi = 0``).
+
         >>> import torch
         >>> from torch import nn
-        >>> from lightning_spacefold.metric import SpaceFolding
-        >>> model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> metric = SpaceFolding(steps=16)
-        >>> metric.update(model, torch.randn(10, 2), torch.randn(10, 2))
-        >>> sorted(metric.compute())
-        ['folded_fraction', 'folding', 'folding_median_nonzero', 'layer/1', 'layer/3']
+        >>> from lightning_spacefold import SpaceFolding
+        >>> model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1), nn.ReLU())
+        >>> # a = relu(x), b = relu(x - 1), then c = relu(a - 2 b - 0.5): on when 0.5 < x < 1.5
+        >>> nn.utils.vector_to_parameters(torch.tensor([1.0, 1.0, 0.0, -1.0, 1.0, -2.0, -0.5]), model.parameters())
+        >>> starts, ends = torch.tensor([[0.25], [0.25]]), torch.tensor([[1.75], [0.4]])
+        >>> metric = SpaceFolding(steps=3)
+        >>> metric.update(model, starts, ends)
+        >>> {name: round(value.item(), 4) for name, value in metric.compute().items()}
+        {'folding': 0.1667, 'folding_median_nonzero': 0.3333, 'folded_fraction': 0.5, 'layer/1': 0.0, 'layer/3': 0.25}
 
-    Example::
-        Folding per ordered pair of classes:
+        Folding per ordered pair of classes, here both paths from class 0, the folding one to class 1:
 
-        >>> metric = SpaceFolding(steps=16, num_classes=3)
-        >>> starts, ends = torch.randn(6, 2), torch.randn(6, 2)
-        >>> start_labels, end_labels = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 1, 2, 2, 0, 0])
-        >>> metric.update(model, starts, ends, start_labels, end_labels)
-        >>> metric.compute()["class_pair_count"]
-        tensor([[0, 2, 0],
-                [0, 0, 2],
-                [2, 0, 0]])
+        >>> metric = SpaceFolding(steps=3, num_classes=2)
+        >>> metric.update(model, starts, ends, torch.tensor([0, 0]), torch.tensor([1, 0]))
+        >>> metric.compute()["class_pair_folding"]
+        tensor([[0.0000, 0.3333],
+                [   nan,    nan]])
 
     """
 
@@ -296,23 +298,21 @@ class SpaceFolding(Metric):
             ModuleNotFoundError:
                 If ``matplotlib`` is not installed
 
-        .. plot::
-            :scale: 75
-
+        Examples:
             >>> import torch
             >>> from torch import nn
-            >>> from lightning_spacefold.metric import SpaceFolding
+            >>> from lightning_spacefold import SpaceFolding
             >>> model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
             >>> metric = SpaceFolding(steps=16)
             >>> values = [metric(model, torch.randn(10, 2), torch.randn(10, 2)) for _ in range(5)]
             >>> fig_, ax_ = metric.plot(values)
-
         """
         val = self.compute() if val is None else val
         if isinstance(val, dict):
             val = _scalar_entries(val)
         elif isinstance(val, Sequence) and val and isinstance(val[0], dict):
-            val = [_scalar_entries(value) for value in val]
+            # A sequence whose first entry is a dict holds dicts only (_PlotValue).
+            val = [_scalar_entries(value) for value in cast(Sequence[dict[str, Tensor]], val)]
         return self._plot(val, ax)
 
     def _check_labels(

@@ -128,6 +128,25 @@ def soft_folding(
         ValueError: For inputs of different shapes, empty or non-finite inputs, ``steps < 1``, a hyperparameter
             that is not positive and finite, a model with no supported activation, an unknown layer name, a
             selected layer with a custom ``bits`` rule or a pre-activation that is not batch-first.
+
+    Examples:
+        The network of :func:`~lightning_spacefold.path_folding`'s example: the path from 0.25 to 1.75 has
+        ``chi = 1/3``; the one from 0.25 to 0.4 stays in one region. At a low temperature the surrogate is close to
+        ``chi`` (``(r2 - r1) / (r2 + eps)`` with ``r2 = 3``, ``r1`` a little below 2, ``eps = 0.01``); a path inside
+        one region gets 0 at every temperature.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spacefold import soft_folding
+        >>> model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1), nn.ReLU())
+        >>> # a = relu(x), b = relu(x - 1), then c = relu(a - 2 b - 0.5): on when 0.5 < x < 1.5
+        >>> nn.utils.vector_to_parameters(torch.tensor([1.0, 1.0, 0.0, -1.0, 1.0, -2.0, -0.5]), model.parameters())
+        >>> starts, ends = torch.tensor([[0.25], [0.25]]), torch.tensor([[1.75], [0.4]])
+        >>> chi_soft = soft_folding(model, starts, ends, steps=3, temperature=0.01)
+        >>> [round(value, 2) for value in chi_soft.tolist()]
+        [0.33, 0.0]
+        >>> chi_soft.requires_grad
+        True
     """
     check_path_arguments(model, starts, ends, steps, None, forward)
     for name, value in (("temperature", temperature), ("smooth_max", smooth_max), ("eps", eps)):
@@ -190,6 +209,21 @@ def folding_penalty(model: nn.Module, starts: Tensor, ends: Tensor, weight: floa
     Raises:
         TypeError: If ``weight`` is not a real number, or as :func:`soft_folding`.
         ValueError: If ``weight`` is not finite, or as :func:`soft_folding`.
+
+    Examples:
+        With :func:`soft_folding`'s example network and its folding path (soft folding about 0.33):
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_spacefold import folding_penalty
+        >>> model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1), nn.ReLU())
+        >>> # a = relu(x), b = relu(x - 1), then c = relu(a - 2 b - 0.5): on when 0.5 < x < 1.5
+        >>> nn.utils.vector_to_parameters(torch.tensor([1.0, 1.0, 0.0, -1.0, 1.0, -2.0, -0.5]), model.parameters())
+        >>> starts, ends = torch.tensor([[0.25]]), torch.tensor([[1.75]])
+        >>> penalty = folding_penalty(model, starts, ends, 0.5, steps=3, temperature=0.01)
+        >>> round(penalty.item(), 2)  # -0.5 * 0.33
+        -0.17
+        >>> penalty.backward()  # task_loss + penalty: the gradient raises folding
     """
     _check_real("weight", weight)
     return -weight * soft_folding(model, starts, ends, **kwargs).mean()
@@ -222,6 +256,18 @@ def regularization_weight(
         TypeError: If an argument has the wrong type.
         ValueError: For ``step < 0``, ``total_steps < 1``, a non-finite weight, an unknown schedule or ``until``
             outside ``(0, 1]``.
+
+    Examples:
+        A weight of 0.3 decaying to 0 at half of a 100-step run: at step 25 the linear and the cosine schedule are
+        both half-way (``0.3 * (1 - 25/50)`` and ``0.3 * (1 + cos(pi / 2)) / 2``).
+
+        >>> from lightning_spacefold import regularization_weight
+        >>> regularization_weight(25, 100, 0.3, "linear", until=0.5)
+        0.15
+        >>> round(regularization_weight(25, 100, 0.3, "cosine", until=0.5), 10)
+        0.15
+        >>> regularization_weight(49, 100, 0.3, "constant", until=0.5), regularization_weight(50, 100, 0.3, until=0.5)
+        (0.3, 0.0)
     """
     unknown_length = total_steps == math.inf
     for name, value, least in (("step", step, 0), ("total_steps", total_steps, 1)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import Tensor
 
@@ -43,5 +44,6 @@ class FoldingResult:
     def select(self, index: Tensor | slice) -> FoldingResult:
         """The result of the paths at ``index`` (an index tensor, a boolean mask or a slice)."""
         per_path = ("chi", "r1", "r2", "layer_chi", "layer_r1", "layer_r2", "distances", "regions")
-        selected = {name: getattr(self, name) for name in per_path}
-        return replace(self, **{name: None if value is None else value[index] for name, value in selected.items()})
+        selected: dict[str, Tensor | None] = {name: getattr(self, name) for name in per_path}
+        changes: dict[str, Any] = {name: None if value is None else value[index] for name, value in selected.items()}
+        return replace(self, **changes)

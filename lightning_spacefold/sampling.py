@@ -100,6 +100,15 @@ def random_pairs(
         TypeError: If an argument has the wrong type or dtype.
         ValueError: If ``inputs`` has fewer than 2 samples, ``labels`` has the wrong shape or
             ``num_pairs < 1``.
+
+    Examples:
+        From the two inputs 0 and 1, every pair of distinct samples is ``0 -> 1`` or ``1 -> 0``:
+
+        >>> import torch
+        >>> from lightning_spacefold.sampling import random_pairs
+        >>> pairs = random_pairs(torch.tensor([[0.0], [1.0]]), 4, generator=0)
+        >>> len(pairs), (pairs.starts + pairs.ends).flatten()
+        (4, tensor([1., 1., 1., 1.]))
     """
     _check_inputs(inputs)
     labels = _check_labels(labels, inputs)
@@ -143,9 +152,19 @@ def class_pairs(
         ValueError: If ``inputs`` has fewer than 2 samples, ``labels`` has the wrong shape,
             ``num_pairs < 1``, there is a single class and ``include_same_class`` is false, or
             ``include_same_class`` is true and a class has a single sample.
+
+    Examples:
+        Two classes without same-class pairs: the 4 pairs are spread evenly over ``0 -> 1`` and ``1 -> 0``.
+
+        >>> import torch
+        >>> from lightning_spacefold.sampling import class_pairs
+        >>> inputs, labels = torch.tensor([[0.0], [2.0], [10.0], [12.0]]), torch.tensor([0, 0, 1, 1])
+        >>> pairs = class_pairs(inputs, labels, 4, include_same_class=False)
+        >>> pairs.start_labels, pairs.end_labels
+        (tensor([0, 0, 1, 1]), tensor([1, 1, 0, 0]))
     """
     _check_inputs(inputs)
-    labels = _check_labels(_require_labels(labels), inputs)
+    labels = _require_labels(_check_labels(labels, inputs))
     _check_positive_int(num_pairs, "num_pairs")
     gen = _as_generator(generator)
     classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
@@ -200,9 +219,19 @@ def centroid_pairs(
             ``centroids_per_class < 1``, ``iterations < 0``, a class has fewer than ``centroids_per_class``
             (distinct) samples, or no pair of distinct centroids exists (a single class with ``include_same_class``
             false or with ``centroids_per_class == 1``).
+
+    Examples:
+        With one centroid per class, the centroids are the class means 1 and 11:
+
+        >>> import torch
+        >>> from lightning_spacefold.sampling import centroid_pairs
+        >>> inputs, labels = torch.tensor([[0.0], [2.0], [10.0], [12.0]]), torch.tensor([0, 0, 1, 1])
+        >>> pairs = centroid_pairs(inputs, labels, 1, include_same_class=False)
+        >>> pairs.starts.flatten(), pairs.ends.flatten(), pairs.start_labels, pairs.end_labels
+        (tensor([ 1., 11.]), tensor([11.,  1.]), tensor([0, 1]), tensor([1, 0]))
     """
     _check_inputs(inputs)
-    labels = _check_labels(_require_labels(labels), inputs)
+    labels = _require_labels(_check_labels(labels, inputs))
     _check_positive_int(centroids_per_class, "centroids_per_class")
     _check_non_negative_int(iterations, "iterations")
     gen = _as_generator(generator)
@@ -262,6 +291,13 @@ def all_pairs(inputs: Tensor, *, labels: Tensor | None = None) -> PairBatch:
     Raises:
         TypeError: If an argument has the wrong type or dtype.
         ValueError: If ``inputs`` has fewer than 2 samples or ``labels`` has the wrong shape.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_spacefold.sampling import all_pairs
+        >>> pairs = all_pairs(torch.tensor([[0.0], [1.0], [2.0]]))
+        >>> pairs.starts.flatten(), pairs.ends.flatten()
+        (tensor([0., 0., 1., 1., 2., 2.]), tensor([1., 2., 0., 2., 0., 1.]))
     """
     _check_inputs(inputs)
     labels = _check_labels(labels, inputs)
@@ -297,6 +333,17 @@ def kmeans(
     Raises:
         TypeError: If an argument has the wrong type or dtype.
         ValueError: If ``k < 1``, ``iterations < 0`` or there are fewer than ``k`` points.
+
+    Examples:
+        Two clusters, around 1 and around 11:
+
+        >>> import torch
+        >>> from lightning_spacefold.sampling import kmeans
+        >>> centroids, assignment = kmeans(torch.tensor([[0.0], [2.0], [10.0], [12.0]]), 2)
+        >>> centroids.flatten().sort().values
+        tensor([ 1., 11.])
+        >>> assignment[0] == assignment[1] != assignment[2] == assignment[3]
+        tensor(True)
     """
     _check_inputs(points, name="points", min_count=1)
     _check_positive_int(k, "k")
