@@ -1,7 +1,7 @@
 """Measure how neural networks fold their input space while they train."""
 
 from lightning_spacefold.callback import SpaceFoldingCallback
-from lightning_spacefold.capture import ActivationRule, LayerInfo, find_layers, register_activation
+from lightning_spacefold.capture import ActivationRule, LayerInfo, find_layers, register_activation, register_swiglu
 from lightning_spacefold.finite import NonFiniteError
 from lightning_spacefold.folding import path_folding, path_patterns
 from lightning_spacefold.measure import fold_measure, fold_ranges, interaction_profile, symmetric_fold_measure
@@ -24,6 +24,7 @@ __all__ = [
     "path_folding",
     "path_patterns",
     "register_activation",
+    "register_swiglu",
     "regularization_weight",
     "soft_folding",
     "symmetric_fold_measure",

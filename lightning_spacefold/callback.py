@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -26,11 +26,27 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchmetrics.utilities.data import dim_zero_cat
 
+from lightning_spacefold.capture import evaluation_mode
 from lightning_spacefold.checks import is_int, is_real
-from lightning_spacefold.folding import default_batch_size, discover_layers, path_folding, path_patterns, select_layers
+from lightning_spacefold.folding import (
+    Forward,
+    default_batch_size,
+    discover_layers,
+    path_folding,
+    path_patterns,
+    select_layers,
+)
 from lightning_spacefold.loss_term import TrainingLossTerm
 from lightning_spacefold.metric import SpaceFolding
-from lightning_spacefold.probe import PAIRINGS, PROBE_SOURCES, draw_probe, pair_probe, probe_loader, split_batch
+from lightning_spacefold.probe import (
+    PAIRINGS,
+    PROBE_SOURCES,
+    ProbeSet,
+    draw_probe,
+    pair_probe,
+    probe_loader,
+    split_batch,
+)
 from lightning_spacefold.regularization import SCHEDULES, folding_penalty, regularization_weight
 from lightning_spacefold.result import FoldingResult
 from lightning_spacefold.safeguard import FailureReporter, agree_on_failures, is_out_of_memory, with_memory_backoff
@@ -85,7 +101,12 @@ class SpaceFoldingCallback(Callback):
     process alone (it skips the step, and all processes measure with half the points from the next one), and
     ``exact=True``, whose forward passes depend on the data, is rejected.
 
-    The model is called as ``pl_module(inputs)`` on a batch of probe inputs.
+    The model is called as ``pl_module(inputs)`` on a batch of probe inputs. Token models, whose inputs are integer
+    ids, are measured along paths between the embeddings of two inputs: ``embedding_fn`` names the module's method
+    that embeds a batch of probe inputs, ``forward_fn`` the one that maps embeddings to outputs. The probe set is
+    then embedded by the current model at every measurement and paired in the embedding space (random and class
+    pairs are the same inputs every time; centroid pairs are the k-means centroids of the current embeddings), and
+    the regulariser and figures work in that space too.
 
     With ``regularize=True`` the callback also adds ``-reg_weight * mean soft folding`` of ``reg_num_pairs`` paths
     (:func:`~lightning_spacefold.soft_folding`) to the loss that ``training_step`` returns, every
@@ -125,6 +146,11 @@ class SpaceFoldingCallback(Callback):
         num_example_paths: Number of paths in the ``example_paths`` figure: the most folded ones of the measurement
             (of process 0's share under DDP), sampled at ``steps`` points.
         seed: Seed of the probe set and the pairs; the training run's RNG is not touched.
+        embedding_fn: Name of the LightningModule's method that maps a batch of probe inputs (e.g. token ids
+            ``[B, T]``) to the floating-point tensors between which paths run (e.g. embeddings ``[B, T, D]``);
+            ``None``: paths run between the inputs themselves, which must then be floating point.
+        forward_fn: Name of the LightningModule's method that maps a batch of points of that space to outputs
+            (e.g. the network after its embedding); ``None``: the module itself.
         on_error: What a measurement that fails does: ``warn`` (report it once per distinct error, skip the step and
             go on training) or ``raise`` (end the run with the error, on every process).
         regularize: Add the folding regulariser to the training loss.
@@ -163,6 +189,8 @@ class SpaceFoldingCallback(Callback):
         log_figures: bool = True,
         num_example_paths: int = 4,
         seed: int = 0,
+        embedding_fn: str | None = None,
+        forward_fn: str | None = None,
         on_error: Literal["warn", "raise"] = "warn",
         regularize: bool = False,
         reg_weight: float = 0.01,
@@ -209,6 +237,9 @@ class SpaceFoldingCallback(Callback):
                 raise TypeError(f"`{name}` must be a batch index (int >= 0) or a dict key (str), got {key!r}.")
         if not is_int(seed, 0):
             raise ValueError(f"`seed` must be an integer >= 0, got {seed!r}.")
+        for name, method in (("embedding_fn", embedding_fn), ("forward_fn", forward_fn)):
+            if method is not None and not (isinstance(method, str) and method.isidentifier()):
+                raise TypeError(f"`{name}` must be None or the name of a LightningModule method, got {method!r}.")
         if on_error not in _ON_ERROR:
             raise ValueError(f"`on_error` must be one of {_ON_ERROR}, got {on_error!r}.")
         if not is_real(reg_weight, 0):
@@ -242,6 +273,8 @@ class SpaceFoldingCallback(Callback):
         self.log_figures = log_figures
         self.num_example_paths = num_example_paths
         self.seed = seed
+        self.embedding_fn = embedding_fn
+        self.forward_fn = forward_fn
         self.on_error = on_error
         self.regularize = regularize
         self.reg_weight = reg_weight
@@ -256,7 +289,8 @@ class SpaceFoldingCallback(Callback):
         self.latest_metrics: dict[str, float] = {}
         self.latest_step: int | None = None
         self.latest_result: FoldingResult | None = None
-        self._pairs: PairBatch | None = None  # the fit's pairs, saved in checkpoints
+        # The fit's pairs, or with `embedding_fn` its probe set (paired anew in the embedding space); in checkpoints.
+        self._drawn: PairBatch | ProbeSet | None = None
         self._metric: SpaceFolding | None = None
         self._batch_size = 0  # points per forward pass, set when a fit or an evaluation starts
         self._checkpoint_step: int | None = None
@@ -282,6 +316,7 @@ class SpaceFoldingCallback(Callback):
             input_key=self.input_key,
             label_key=self.label_key,
             seed=self.seed,
+            embedding_fn=self.embedding_fn,
             regularize=self.regularize,
             reg_pairs=self.reg_pairs,
             reg_num_pairs=self.reg_num_pairs,
@@ -292,7 +327,7 @@ class SpaceFoldingCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Forget the pairs of a previous fit and the step of a previous checkpoint (a restored one brings its own)."""
         if stage == "fit":
-            self._pairs, self.latest_step = None, None
+            self._drawn, self.latest_step = None, None
         self._checkpoint_step = None
 
     def on_load_checkpoint(
@@ -303,9 +338,9 @@ class SpaceFoldingCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the probe set and pairs, check the model's layers, and take the first measurement."""
-        if self._pairs is None:
-            self._pairs = self._draw_pairs(trainer, pl_module, "train" if self.probe_source == "train" else "val")
-        self._start(trainer, pl_module, self._pairs)
+        if self._drawn is None:
+            self._drawn = self._draw(trainer, pl_module, "train" if self.probe_source == "train" else "val")
+        self._start(trainer, pl_module, self._pairs_of(trainer, pl_module, self._drawn))
         if not trainer.loggers:
             rank_zero_warn(
                 "SpaceFoldingCallback: the trainer has no logger; measurements are only kept on the callback "
@@ -317,7 +352,7 @@ class SpaceFoldingCallback(Callback):
                 pl_module, lambda batch: self._regularization_term(trainer, pl_module, batch)
             )
         if self.measure_at_start and self.latest_step is None:
-            self._measure(trainer, pl_module, self._pairs, trainer.global_step)
+            self._measure_fit(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -353,62 +388,113 @@ class SpaceFoldingCallback(Callback):
         self._remove_loss_term()
 
     def state_dict(self) -> dict[str, Any]:
-        """The pairs (so that a resumed fit measures the same paths) and the step of the last measurement."""
-        pairs = self._pairs
+        """The pairs or probe set (so that a resumed fit measures the same paths) and the last measurement's step."""
+        pairs = self._drawn if isinstance(self._drawn, PairBatch) else None
+        probe = self._drawn if isinstance(self._drawn, ProbeSet) else None
         return {
             "starts": None if pairs is None else pairs.starts,
             "ends": None if pairs is None else pairs.ends,
             "start_labels": None if pairs is None else pairs.start_labels,
             "end_labels": None if pairs is None else pairs.end_labels,
+            "probe_inputs": None if probe is None else probe.inputs,
+            "probe_labels": None if probe is None else probe.labels,
             "latest_step": self.latest_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the pairs and the step of the last measurement."""
+        """Restore the pairs or probe set and the step of the last measurement."""
         if state_dict["starts"] is not None:
-            self._pairs = PairBatch(
+            self._drawn = PairBatch(
                 state_dict["starts"], state_dict["ends"], state_dict["start_labels"], state_dict["end_labels"]
             )
+        elif state_dict.get("probe_inputs") is not None:
+            self._drawn = ProbeSet(state_dict["probe_inputs"], state_dict["probe_labels"])
         self.latest_step = state_dict["latest_step"]
 
     def _measure_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self._pairs is not None
-        self._measure(trainer, pl_module, self._pairs, trainer.global_step)
+        assert self._drawn is not None
+        self._measure(trainer, pl_module, self._drawn, trainer.global_step)
 
     def _measure_evaluation(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: Literal["val", "test"]
     ) -> None:
-        pairs = self._draw_pairs(trainer, pl_module, source)
-        self._start(trainer, pl_module, pairs)
-        step = trainer.global_step if self._checkpoint_step is None else self._checkpoint_step
         # Lightning evaluates under inference mode, in which forward-mode AD (exact=True) cannot run.
         with torch.inference_mode(False):
-            self._measure(trainer, pl_module, pairs, step)
+            drawn = self._draw(trainer, pl_module, source)
+            self._start(trainer, pl_module, self._pairs_of(trainer, pl_module, drawn))
+            step = trainer.global_step if self._checkpoint_step is None else self._checkpoint_step
+            self._measure(trainer, pl_module, drawn, step)
 
     # --- the pairs and the checks before measuring -------------------------------------------------------------
 
-    def _draw_pairs(
+    def _draw(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: Literal["train", "val", "test"]
-    ) -> PairBatch:
-        """The probe set's pairs, identical on every process and for any number of processes."""
+    ) -> PairBatch | ProbeSet:
+        """The probe set's pairs (with ``embedding_fn``: the probe set), the same on every process."""
+        for name in ("embedding_fn", "forward_fn"):
+            self._method(pl_module, name)  # a wrong name fails before anything runs
         with _preserved_rng(pl_module.device):
             batch = draw_probe(
                 probe_loader(trainer, source) if self.probe_dataset is None else self.probe_dataset,
                 self.probe_size,
                 self.seed,
             )
-            inputs, labels = split_batch(batch, self.input_key, self.label_key)
-            pairs = pair_probe(
-                inputs,
-                labels,
-                pairing=self.pairing,
-                num_pairs=self.num_pairs,
-                include_same_class=self.include_same_class,
-                centroids_per_class=self.centroids_per_class,
-                seed=self.seed,
-            )
+            inputs, labels = split_batch(batch, self.input_key, self.label_key, embedded=self.embedding_fn is not None)
+            drawn = ProbeSet(inputs, labels) if self.embedding_fn is not None else self._pair(inputs, labels)
         # Every process measures the same pairs, also when an iterable dataset is sharded by process.
-        return trainer.strategy.broadcast(pairs, src=0)
+        return trainer.strategy.broadcast(drawn, src=0)
+
+    def _pair(self, inputs: Tensor, labels: Tensor | None) -> PairBatch:
+        return pair_probe(
+            inputs,
+            labels,
+            pairing=self.pairing,
+            num_pairs=self.num_pairs,
+            include_same_class=self.include_same_class,
+            centroids_per_class=self.centroids_per_class,
+            seed=self.seed,
+        )
+
+    def _pairs_of(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, drawn: PairBatch | ProbeSet, measuring: bool = True
+    ) -> PairBatch:
+        """The pairs in the space the paths run in: as drawn, or the probe set embedded by the model and paired.
+
+        The embedding runs in eval mode without gradients when ``measuring``, else as the training step runs.
+        """
+        if isinstance(drawn, PairBatch):
+            return drawn
+        with _preserved_rng(pl_module.device), evaluation_mode(pl_module) if measuring else nullcontext():
+            embedded = self._embed(trainer, pl_module, drawn.inputs)
+            labels = None if drawn.labels is None else drawn.labels.to(embedded.device)
+            return self._pair(embedded, labels)
+
+    def _embed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
+        embed = self._method(pl_module, "embedding_fn")
+        assert embed is not None
+        with trainer.precision_plugin.forward_context():
+            embedded = embed(self._inputs(trainer, pl_module, inputs))
+        if not (
+            isinstance(embedded, Tensor) and embedded.is_floating_point() and embedded.shape[:1] == inputs.shape[:1]
+        ):
+            raise TypeError(
+                f"`embedding_fn={self.embedding_fn!r}` must return a floating-point tensor with one row per input "
+                f"([B, ...] for {len(inputs)} inputs), got {getattr(embedded, 'shape', type(embedded).__name__)}."
+            )
+        return embedded
+
+    def _method(self, pl_module: pl.LightningModule, argument: Literal["embedding_fn", "forward_fn"]) -> Forward | None:
+        """The module's method named by ``embedding_fn`` or ``forward_fn``, or ``None`` when not set."""
+        name = getattr(self, argument)
+        if name is None:
+            return None
+        method = getattr(pl_module, name, None)
+        if not callable(method):
+            raise ValueError(
+                f"`{argument}={name!r}` is not a method of {type(pl_module).__name__}; name one of its methods "
+                f"({'inputs to embeddings' if argument == 'embedding_fn' else 'embeddings to outputs'})."
+            )
+        return method
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pairs: PairBatch) -> None:
         """Check the configuration against the model (errors raise here, never mid-run) and set up the metric."""
@@ -419,7 +505,9 @@ class SpaceFoldingCallback(Callback):
             )
         first = pairs.select(slice(0, 1))
         starts = self._inputs(trainer, pl_module, first.starts)
-        found = discover_layers(pl_module, starts, self._inputs(trainer, pl_module, first.ends))
+        found = discover_layers(
+            pl_module, starts, self._inputs(trainer, pl_module, first.ends), self._method(pl_module, "forward_fn")
+        )
         names = [found[index].name for index in select_layers(pl_module, [layer.name for layer in found], self.layers)]
         start_labels, end_labels = pairs.start_labels, pairs.end_labels
         num_classes = None
@@ -448,11 +536,14 @@ class SpaceFoldingCallback(Callback):
         if step % self.reg_every_n_steps or weight == 0:
             return None
         if self.reg_pairs == "probe":
-            assert self._pairs is not None
-            few = self._pairs.select(slice(0, self.reg_num_pairs))
+            assert self._drawn is not None
+            few = self._pairs_of(trainer, pl_module, self._drawn, measuring=False).select(slice(0, self.reg_num_pairs))
             starts, ends = self._inputs(trainer, pl_module, few.starts), self._inputs(trainer, pl_module, few.ends)
         else:
-            inputs = split_batch(batch, self.input_key, self.label_key)[0]
+            embedded = self.embedding_fn is not None
+            inputs = split_batch(batch, self.input_key, self.label_key, embedded=embedded)[0]
+            if embedded:
+                inputs = self._embed(trainer, pl_module, inputs)
             if len(inputs) < 2:
                 # A batch of one sample has no pair. Zero-length paths add exactly 0 and keep the forward passes the
                 # same on every process.
@@ -463,7 +554,14 @@ class SpaceFoldingCallback(Callback):
                 pairs = random_pairs(inputs, self.reg_num_pairs, generator=generator)
                 starts, ends = pairs.starts, pairs.ends
         term = folding_penalty(
-            pl_module, starts, ends, weight, steps=self.reg_steps, temperature=self.reg_temperature, layers=self.layers
+            pl_module,
+            starts,
+            ends,
+            weight,
+            steps=self.reg_steps,
+            temperature=self.reg_temperature,
+            layers=self.layers,
+            forward=self._method(pl_module, "forward_fn"),
         )
         pl_module.log(f"{PREFIX}/reg_term", term.detach().float(), on_step=True, on_epoch=False)
         pl_module.log(f"{PREFIX}/reg_weight", float(weight), on_step=True, on_epoch=False)
@@ -481,14 +579,17 @@ class SpaceFoldingCallback(Callback):
 
     # --- measuring and logging ---------------------------------------------------------------------------------
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pairs: PairBatch, step: int) -> None:
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, drawn: PairBatch | ProbeSet, step: int
+    ) -> None:
         """Measure the pairs and log the values; a failure is reported and skipped, or raised (``on_error``)."""
-        share, count = _padded_share(len(pairs), trainer.world_size, trainer.global_rank)
         draw_figures = self.log_figures and has_tensorboard(trainer.loggers)
         error: Exception | None = None
         result, example_patterns = None, None
         batch_size = self._batch_size
         try:
+            pairs = self._pairs_of(trainer, pl_module, drawn)
+            share, count = _padded_share(len(pairs), trainer.world_size, trainer.global_rank)
             result, example_patterns = self._measure_share(trainer, pl_module, pairs.select(share), count, draw_figures)
         except Exception as caught:  # a monitoring callback must not end the run: reported below
             error = caught
@@ -520,10 +621,18 @@ class SpaceFoldingCallback(Callback):
         assert self._metric is not None
         self._metric.reset()
         starts, ends = self._inputs(trainer, pl_module, share.starts), self._inputs(trainer, pl_module, share.ends)
+        forward = self._method(pl_module, "forward_fn")
 
         def measure(batch_size: int) -> FoldingResult:
             return path_folding(
-                pl_module, starts, ends, steps=self.steps, layers=self.layers, batch_size=batch_size, exact=self.exact
+                pl_module,
+                starts,
+                ends,
+                steps=self.steps,
+                layers=self.layers,
+                batch_size=batch_size,
+                exact=self.exact,
+                forward=forward,
             )
 
         # The trainer's precision measures the network as it trains; the RNG is preserved whatever the model's
@@ -536,7 +645,7 @@ class SpaceFoldingCallback(Callback):
                 # The most folded paths (most paths do not fold at all), as many on every process as on process 0.
                 few = result.chi.argsort(descending=True, stable=True)[: self.num_example_paths]
                 example_patterns = path_patterns(
-                    pl_module, starts[few], ends[few], steps=self.steps, layers=self.layers
+                    pl_module, starts[few], ends[few], steps=self.steps, layers=self.layers, forward=forward
                 )
         self._batch_size = batch_size
         result = result.select(slice(0, count))

@@ -177,7 +177,8 @@ class LayerInfo:
 
     Attributes:
         name: Stable, readable name (see the module docstring).
-        activation: The activation module's class name, or ``F.<name>`` for a functional call.
+        activation: The activation module's class name, or ``F.<name>`` for a functional call (``F.<name> in
+            <class name>`` inside an activation written as a module around functional calls).
         num_units: Units per sample (the flattened size of the pre-activation of one input).
     """
 
@@ -247,7 +248,7 @@ class _FunctionalActivations(TorchFunctionMode):
             owner = capture.module_stack[-1] if capture.module_stack else ""
             wrapper = capture.wrapper_stack[-1] if capture.wrapper_stack else None
             if wrapper is not None:
-                layer, activation = owner, f"{wrapper}(F.{name})"
+                layer, activation = owner, f"F.{name} in {wrapper}"
             else:
                 layer, activation = f"{owner}.{name}" if owner else name, f"F.{name}"
             capture.record(layer, activation, rule(args, kwargs), args[0] if args else kwargs["input"])

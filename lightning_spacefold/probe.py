@@ -9,7 +9,7 @@ dataloader of a trainer to draw from, and pairs the items with one of the strate
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -19,14 +19,32 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 
 from lightning_spacefold.sampling import PairBatch, centroid_pairs, class_pairs, random_pairs
 
-__all__ = ["PAIRINGS", "PROBE_SOURCES", "draw_probe", "first_tensor", "pair_probe", "probe_loader", "split_batch"]
+__all__ = [
+    "PAIRINGS",
+    "PROBE_SOURCES",
+    "ProbeSet",
+    "draw_probe",
+    "first_tensor",
+    "pair_probe",
+    "probe_loader",
+    "split_batch",
+]
 
 PAIRINGS = ("auto", "random", "class", "centroid")
 PROBE_SOURCES = ("val", "train")
 Pairing = Literal["auto", "random", "class", "centroid"]
 
 
-def split_batch(batch: Any, input_key: int | str, label_key: int | str | None) -> tuple[Tensor, Tensor | None]:
+class ProbeSet(NamedTuple):
+    """Probe inputs as drawn (e.g. token ids), kept when paths run between their embeddings."""
+
+    inputs: Tensor
+    labels: Tensor | None
+
+
+def split_batch(
+    batch: Any, input_key: int | str, label_key: int | str | None, embedded: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """The inputs and the class labels (or ``None``) of a batch.
 
     Args:
@@ -34,12 +52,14 @@ def split_batch(batch: Any, input_key: int | str, label_key: int | str | None) -
         input_key: Where the inputs are: an index or a key.
         label_key: Where the labels are, or ``None``. Labels that are not a 1-D integer tensor are dropped with
             a warning.
+        embedded: Whether the inputs are embedded before paths run between them (they may then be integer ids).
 
     Returns:
         ``(inputs, labels)``; ``labels`` is ``None`` when the batch has none at ``label_key``.
 
     Raises:
-        TypeError: If the batch has another type, or the inputs are not a floating-point tensor.
+        TypeError: If the batch has another type, or the inputs are not a tensor (a floating-point one unless
+            ``embedded``).
         ValueError: If ``input_key`` is not in the batch.
     """
     if isinstance(batch, Tensor):
@@ -65,10 +85,12 @@ def split_batch(batch: Any, input_key: int | str, label_key: int | str | None) -
             f"SpaceFoldingCallback cannot read probe batches of type {type(batch).__name__}; batches must be a "
             "tensor, a tuple/list or a dict."
         )
-    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+    if not isinstance(inputs, Tensor) or not (embedded or inputs.is_floating_point()):
+        found = getattr(inputs, "dtype", type(inputs).__name__)
         raise TypeError(
-            f"The probe inputs at input_key={input_key!r} must be a floating-point tensor, got "
-            f"{getattr(inputs, 'dtype', type(inputs).__name__)}. Set `input_key` to where the inputs are."
+            f"The probe inputs at input_key={input_key!r} must be a floating-point tensor (paths run between "
+            f"them), got {found}. Set `input_key` to where the inputs are, or, for token ids, `embedding_fn` (and "
+            "`forward_fn`) to the model's methods that embed them and run the rest of the network."
         )
     if labels is not None and (not isinstance(labels, Tensor) or labels.is_floating_point() or labels.ndim != 1):
         rank_zero_warn(

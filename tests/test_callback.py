@@ -138,7 +138,7 @@ def test_logged_values_equal_a_direct_measurement(tmp_path: Path) -> None:
     callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=9, steps=16, probe_size=30, pairing="random")
     model = Classifier()
     trainer(tmp_path, callback, max_steps=3).fit(model, datamodule=Blobs())
-    pairs = callback._pairs
+    pairs = callback._drawn
     direct = path_folding(model, pairs.starts, pairs.ends, steps=16)
     assert callback.latest_metrics["spacefold/folding"] == pytest.approx(direct.chi.mean().item())
     assert callback.latest_metrics["spacefold/layer/net.3"] == pytest.approx(direct.layer_chi[:, 1].mean().item())
@@ -149,7 +149,7 @@ def test_exact_measurement_equals_exact_path_folding(tmp_path: Path) -> None:
     callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=9, probe_size=30, exact=True, log_figures=False)
     model = Classifier()
     trainer(tmp_path, callback, max_steps=3).fit(model, datamodule=Blobs())
-    pairs = callback._pairs
+    pairs = callback._drawn
     direct = path_folding(model, pairs.starts, pairs.ends, exact=True)
     assert callback.latest_result.regions is not None
     assert callback.latest_metrics["spacefold/folding"] == pytest.approx(direct.chi.mean().item())
@@ -194,7 +194,7 @@ def test_resume_continues_the_curve_without_gaps_or_duplicates(tmp_path: Path) -
         Classifier(), datamodule=Blobs(validation_seed=2), ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt")))
     )
     assert scalar_steps(tmp_path / "tb" / "version_0", "spacefold/folding") == [0, 2, 4, 6, 8]
-    assert torch.equal(second._pairs.starts, first._pairs.starts)
+    assert torch.equal(second._drawn.starts, first._drawn.starts)
 
 
 def test_without_validation_data_falls_back_to_training_data(tmp_path: Path) -> None:
@@ -208,7 +208,7 @@ def test_without_validation_data_falls_back_to_training_data(tmp_path: Path) -> 
 
 def measured_directly(callback: SpaceFoldingCallback, model: nn.Module, steps: int) -> None:
     """The callback's last values are those of path_folding on its pairs and the model as the fit left it."""
-    pairs = callback._pairs
+    pairs = callback._drawn
     direct = path_folding(model, pairs.starts, pairs.ends, steps=steps)
     assert callback.latest_metrics["spacefold/folding"] == pytest.approx(direct.chi.mean().item(), abs=1e-7)
     assert callback.latest_metrics["spacefold/layer/net.3"] == pytest.approx(direct.layer_chi[:, -1].mean().item())
@@ -289,7 +289,7 @@ def test_dict_batches_and_a_given_probe_dataset(tmp_path: Path) -> None:
     model = Classifier()
     trainer(tmp_path, callback, max_steps=3).fit(model, datamodule=Blobs())
     data = blobs(30, 2)
-    for points, labels in ((callback._pairs.starts, callback._pairs.start_labels), (callback._pairs.ends, None)):
+    for points, labels in ((callback._drawn.starts, callback._drawn.start_labels), (callback._drawn.ends, None)):
         rows = [int((data.tensors[0] == point).all(-1).nonzero()) for point in points]  # every point is an item
         if labels is not None:
             assert labels.tolist() == data.tensors[1][rows].tolist()
@@ -380,7 +380,7 @@ def test_bf16_true_precision(tmp_path: Path) -> None:
     trainer(tmp_path, callback, max_steps=3, precision="bf16-true").fit(model, datamodule=Blobs())
     assert next(model.parameters()).dtype == torch.bfloat16
     # The network measured as it trains, in bfloat16: the float32 network's walks differ.
-    pairs = callback._pairs
+    pairs = callback._drawn
     direct = path_folding(model, pairs.starts.bfloat16(), pairs.ends.bfloat16(), steps=16)
     assert callback.latest_result.chi.dtype == torch.float32
     assert torch.equal(callback.latest_result.chi, direct.chi) and torch.equal(callback.latest_result.r2, direct.r2)
@@ -424,7 +424,7 @@ def test_probe_comes_from_validation_data_that_the_first_epoch_does_not_use(tmp_
         trainer(tmp_path, callback, max_steps=3, check_val_every_n_epoch=2).fit(Classifier(), datamodule=Blobs())
     assert not [warning for warning in caught if "no validation data" in str(warning.message)]
     validation = blobs(48, 1).tensors[0]
-    assert all((validation == start).all(-1).any() for start in callback._pairs.starts)
+    assert all((validation == start).all(-1).any() for start in callback._drawn.starts)
 
 
 def test_measure_at_start_false_with_gradient_accumulation(tmp_path: Path) -> None:
@@ -466,7 +466,7 @@ def test_iterable_validation_data_is_read_in_order(tmp_path: Path) -> None:
     model = Classifier()
     trainer(tmp_path, callback, max_steps=3).fit(model, datamodule=Streamed())
     first = blobs(48, 1)[:20]  # the first 20 items, in the stream's order
-    for points, labels in ((callback._pairs.starts, callback._pairs.start_labels), (callback._pairs.ends, None)):
+    for points, labels in ((callback._drawn.starts, callback._drawn.start_labels), (callback._drawn.ends, None)):
         rows = [int((first[0] == point).all(-1).nonzero()) for point in points]
         if labels is not None:
             assert labels.tolist() == first[1][rows].tolist()

@@ -114,4 +114,4 @@ def test_a_run_killed_mid_measurement_resumes_the_same_curve(tmp_path: Path) -> 
         Classifier(), datamodule=Blobs(validation_seed=2), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
     )
     assert scalar_steps(tmp_path / "tb" / "version_0", "spacefold/folding") == [0, 2, 4, 6, 8]
-    assert torch.equal(second._pairs.starts, first._pairs.starts) and len(second.latest_result) == 6
+    assert torch.equal(second._drawn.starts, first._drawn.starts) and len(second.latest_result) == 6

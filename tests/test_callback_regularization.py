@@ -78,7 +78,7 @@ def test_gradient_is_task_gradient_plus_weighted_surrogate_gradient(tmp_path: Pa
 
     x, y = next(iter(DataLoader(blobs(96, 0), batch_size=16)))
     task = nn.functional.cross_entropy(initial(x), y)
-    pairs = callback._pairs
+    pairs = callback._drawn
     surrogate = soft_folding(initial, pairs.starts[:6], pairs.ends[:6], steps=8).mean()
     parameters = list(initial.parameters())
     task_gradients = torch.autograd.grad(task, parameters)

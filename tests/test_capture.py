@@ -174,3 +174,17 @@ def test_a_raising_transform_leaves_the_capture_consistent() -> None:
         capture.reset()
         model(torch.randn(2, 2))
     assert capture.base_names == ["1"] and capture.activation_depth == 0
+
+
+def test_a_functional_call_inside_an_activation_module_takes_the_modules_name() -> None:
+    class Swish(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.sigmoid(x)
+
+    class Scale(nn.Module):  # not named like an activation: its call keeps the function's name
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(2 * x)
+
+    model = nn.Sequential(nn.Linear(2, 3), Swish(), nn.Linear(3, 3), Scale())
+    found = [(layer.name, layer.activation) for layer in find_layers(model, torch.randn(1, 2))]
+    assert found == [("1", "F.sigmoid in Swish"), ("3.tanh", "F.tanh")]

@@ -136,3 +136,45 @@ def events_of(directory: Path, tag: str) -> list:
         if tag in accumulator.Tags()["scalars"]:
             found += accumulator.Scalars(tag)
     return sorted(found, key=lambda event: event.step)
+
+
+SMALL_GROKKING = [
+    "--trainer.enable_progress_bar=false",
+    "--trainer.max_steps=6",
+    "--trainer.check_val_every_n_epoch=2",
+    "--trainer.log_every_n_steps=1",
+    "--model.modulus=11",
+    "--data.modulus=11",
+    "--model.width=16",
+    "--model.heads=2",
+    "--model.mlp_width=32",
+]
+
+
+def test_grokking_quick(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    arguments = ["fit", "--config", str(EXAMPLES / "grokking.yaml"), *SMALL_GROKKING]
+    callback_arguments = [f"--trainer.callbacks.{name}" for name in ("every_n_train_steps=3", "num_pairs=8", "steps=8")]
+    cli = load("grokking").main([*arguments, *callback_arguments], out=tmp_path / "out")
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SpaceFoldingCallback")
+    assert callback.latest_step == 6 and len(callback.latest_result) == 8
+    assert callback.latest_result.layer_names == ["blocks.0.mlp.1", "blocks.1.mlp.1"]
+    assert (tmp_path / "out" / "grokking.png").stat().st_size > 10_000
+    table = (tmp_path / "out" / "grokking.md").read_text()
+    assert "| start | 0 |" in table and "| end | 6 |" in table and "layer/blocks.1.mlp.1" in table
+    assert "| moment | step | folding |" in capsys.readouterr().out
+
+
+def test_a_token_model_from_the_command_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    callback = "--trainer.callbacks+=lightning_spacefold.SpaceFoldingCallback"
+    options = ["embedding_fn=embed", "forward_fn=from_embeddings", "every_n_train_steps=3", "num_pairs=8", "steps=8"]
+    arguments = ["fit", *SMALL_GROKKING, "--trainer.logger=false", callback]
+    cli = load("grokking").main([*arguments, *(f"--trainer.callbacks.{option}" for option in options)])
+    spacefold = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SpaceFoldingCallback")
+    assert (spacefold.embedding_fn, spacefold.forward_fn) == ("embed", "from_embeddings")
+    assert spacefold.latest_step == 6 and spacefold._drawn.inputs.dtype == torch.long
+    model = cli.model
+    pairs = spacefold._pair(model.embed(spacefold._drawn.inputs).detach(), spacefold._drawn.labels)
+    direct = path_folding(model, pairs.starts, pairs.ends, steps=8, forward=model.from_embeddings)
+    torch.testing.assert_close(spacefold.latest_result.chi, direct.chi)
