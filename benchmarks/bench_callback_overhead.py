@@ -50,9 +50,9 @@ class TimedCallback(SpaceFoldingCallback):
         super().__init__(**kwargs)
         self.seconds, self.count = 0.0, 0
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _measure(self, *args: object) -> None:
         begin = time.perf_counter()
-        super()._measure(trainer, pl_module)
+        super()._measure(*args)
         self.seconds += time.perf_counter() - begin
         self.count += 1
 

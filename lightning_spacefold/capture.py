@@ -11,8 +11,8 @@ Layer names: the module's qualified name (``features.1``); for a functional call
 the function (``block.relu``, or ``relu`` at the top level), except inside an activation written as a module
 around functional calls (a class named like an activation, without submodules or parameters of its own, such as
 Hugging Face's ``NewGELUActivation``, which calls ``torch.tanh``): such a call is named after the module
-(``h.0.mlp.act``). A name that occurs several times in one forward pass (a shared module, a loop) gets ``#1``,
-``#2``, ... in call order.
+(``h.0.mlp.act``). A model wrapped by ``torch.compile`` has the names of the model it wraps. A name that occurs
+several times in one forward pass (a shared module, a loop) gets ``#1``, ``#2``, ... in call order.
 
 Gated units (SwiGLU, ``silu(u) * v`` in LLaMA-style MLPs) are declared with :func:`register_swiglu`: the product
 that enters the MLP's output projection is then the layer, with the papers' bit (``silu(u) * v > 0``).
@@ -287,13 +287,19 @@ def capture_activations(
             rule = _module_rule(module)
             if rule is None and not functional and not hasattr(module, _GATED_MLP):
                 continue
-            handles.append(module.register_forward_pre_hook(_enter_hook(capture, qualified_name, module, rule)))
+            name = _without_wrappers(qualified_name)
+            handles.append(module.register_forward_pre_hook(_enter_hook(capture, name, module, rule)))
             handles.append(module.register_forward_hook(_exit_hook(capture, module, rule), always_call=True))
         with _FunctionalActivations(capture) if functional else nullcontext():
             yield capture
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _without_wrappers(qualified_name: str) -> str:
+    """The name as the user's model has it: without the ``_orig_mod`` level that ``torch.compile`` inserts."""
+    return ".".join(part for part in qualified_name.split(".") if part != "_orig_mod")
 
 
 def has_functional_layers(layers: list[LayerInfo]) -> bool:
@@ -411,7 +417,7 @@ def register_swiglu(model: nn.Module, projection: str = "down_proj") -> list[str
     for name in declared:
         setattr(modules[name], _GATED_PRODUCT, True)
         setattr(modules[name.rpartition(".")[0]], _GATED_MLP, True)
-    return declared
+    return [_without_wrappers(name) for name in declared]
 
 
 def find_layers(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any] | None = None) -> list[LayerInfo]:

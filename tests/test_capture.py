@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_spacefold import find_layers, register_activation
+from lightning_spacefold import find_layers, path_folding, register_activation
 from lightning_spacefold.capture import _MODULE_RULES, capture_activations
 
 
@@ -188,3 +188,14 @@ def test_a_functional_call_inside_an_activation_module_takes_the_modules_name() 
     model = nn.Sequential(nn.Linear(2, 3), Swish(), nn.Linear(3, 3), Scale())
     found = [(layer.name, layer.activation) for layer in find_layers(model, torch.randn(1, 2))]
     assert found == [("1", "F.sigmoid in Swish"), ("3.tanh", "F.tanh")]
+
+
+def test_a_compiled_model_has_the_names_of_the_model_it_wraps() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    compiled = torch.compile(model, backend="eager")  # no code generation: the names are the point here
+    assert [layer.name for layer in find_layers(compiled, torch.randn(2, 2))] == ["1", "3"]
+    starts, ends = torch.randn(4, 2) * 3, torch.randn(4, 2) * 3
+    result = path_folding(compiled, starts, ends, steps=32)
+    assert result.layer_names == ["1", "3"]
+    assert torch.equal(result.r2, path_folding(model, starts, ends, steps=32).r2)
