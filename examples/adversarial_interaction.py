@@ -17,17 +17,27 @@ Run: python examples/adversarial_interaction.py [--dataset digits|mnist1d] [--se
 from __future__ import annotations
 
 import argparse
-import csv
+import functools
 import math
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from digits import DATASET_NAMES, add_dataset_argument, load_split, plus_minus, train_mlp
+from digits import (
+    DATASET_NAMES,
+    add_dataset_argument,
+    grouped,
+    load_split,
+    plus_minus,
+    spread_of,
+    table_start,
+    train_mlp,
+    write_results,
+)
 
 from lightning_spacefold import fold_measure, interaction_profile, path_patterns
 from lightning_spacefold.sampling import random_pairs
@@ -141,19 +151,10 @@ def attack_one(args: argparse.Namespace, seed: int, data: tuple[Tensor, Tensor, 
 
 def markdown(rows: list[Row], header: str) -> str:
     """One line per path kind: mean ± std over the networks that have it."""
-    lines = [
-        header,
-        "",
-        "| paths | count | attack success | mean chi | points with I != 0 | paths with I != 0 | mean non-zero I "
-        "| mean non-zero abs(I) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name in dict.fromkeys(row.paths for row in rows):
-        group = [row for row in rows if row.paths == name]
-
-        def cell(field: str, decimals: int = 4, group: list[Row] = group) -> str:
-            return plus_minus([getattr(row, field) for row in group], decimals)
-
+    columns = ["paths", "count", "attack success", "mean chi", "points with I != 0", "paths with I != 0"]
+    lines = table_start(header, [*columns, "mean non-zero I", "mean non-zero abs(I)"])
+    for name, group in grouped(rows, lambda row: row.paths).items():
+        cell = functools.partial(spread_of, group)
         success = "" if math.isnan(group[0].attack_success) else cell("attack_success", 3)
         lines.append(
             f"| {name} | {cell('count', 0)} | {success} | {cell('chi_mean')} | {cell('nonzero_points', 3)} "
@@ -189,14 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"inputs, epsilon times the input range {data[0].max() - data[0].min():.2f}, {args.steps} steps per segment; "
         "I over interior points; ± = std over networks."
     )
-    table = markdown(rows, header)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adversarial.md").write_text(table)
-    with open(out / "adversarial.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=[field.name for field in fields(Row)])
-        writer.writeheader()
-        writer.writerows(asdict(row) for row in rows)
-    print(table)
+    write_results(out, "adversarial", markdown(rows, header), rows)
     return {"accuracy": accuracy[0], "rows": [asdict(row) for row in rows]}
 
 

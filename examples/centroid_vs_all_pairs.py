@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from digits import DATASET_NAMES, add_dataset_argument, load_split, plus_minus, train_mlp
+from digits import DATASET_NAMES, add_dataset_argument, load_split, plus_minus, table_start, train_mlp
 
 from lightning_spacefold.metric import SpaceFolding
 from lightning_spacefold.sampling import PairBatch, all_pairs, centroid_pairs, random_pairs
@@ -153,13 +153,10 @@ def compare(
 
 def summary(networks: list[list[Row]], header: str) -> str:
     """Per strategy, over networks: mean chi, gap to the network's all-pairs mean, and how often it is within spread."""
-    lines = [
-        header,
-        "",
-        "| pairs | paths | mean chi | gap to all pairs | networks with abs(gap) <= spread over k-means seeds "
-        "| median non-zero chi | folded fraction |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    within = "networks with abs(gap) <= spread over k-means seeds"
+    lines = table_start(
+        header, ["pairs", "paths", "mean chi", "gap to all pairs", within, "median non-zero chi", "folded fraction"]
+    )
     for position, row in enumerate(networks[0]):
         same = [rows[position] for rows in networks]
         means = [statistics.fmean(r.folding) for r in same]

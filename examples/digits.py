@@ -9,11 +9,14 @@ for the examples that train many small networks: a plain loop is much faster tha
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import functools
 import random
 import statistics
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -91,6 +94,8 @@ class MLPClassifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
+T = TypeVar("T")
+
 # The datasets the experiment scripts take (``--dataset``): both are made locally, without a download.
 DATASETS = ("digits", "mnist1d")
 INPUT_DIMS = {"digits": 64, "mnist1d": 40, "mnist": 28 * 28, "fashion_mnist": 28 * 28}
@@ -157,6 +162,36 @@ def plus_minus(values: Sequence[float], decimals: int = 4) -> str:
     """``mean ± std`` of the values, for the examples' tables."""
     mean, deviation = mean_std(values)
     return f"{mean:.{decimals}f} ± {deviation:.{decimals}f}"
+
+
+def spread_of(records: Sequence[object], field: str, decimals: int = 4) -> str:
+    """``mean ± std`` of one attribute over records (e.g. one row per seed)."""
+    return plus_minus([getattr(record, field) for record in records], decimals)
+
+
+def table_start(header: str, columns: Sequence[str]) -> list[str]:
+    """The first lines of a markdown table under a header line: the header, a blank line, the column names."""
+    return [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def write_results(out: Path, name: str, table: str, records: Sequence[Any]) -> None:
+    """Write ``table`` to ``out/name.md`` and the dataclass ``records`` (one row each) to ``out/name.csv``, and print
+    the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table)
+    with open(out / f"{name}.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[field.name for field in dataclasses.fields(records[0])])
+        writer.writeheader()
+        writer.writerows(dataclasses.asdict(record) for record in records)
+    print(table)
+
+
+def grouped(records: Iterable[T], key: Callable[[T], Hashable]) -> dict[Hashable, list[T]]:
+    """The records grouped by ``key``, groups and records in order of first appearance."""
+    groups: dict[Hashable, list[T]] = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    return groups
 
 
 def add_dataset_argument(parser: argparse.ArgumentParser) -> None:
@@ -228,11 +263,20 @@ class DigitsDataModule(pl.LightningDataModule):
 
 
 def train_mlp(
-    inputs: Tensor, labels: Tensor, depth: int, width: int, epochs: int, seed: int, activation: str = "relu"
+    inputs: Tensor,
+    labels: Tensor,
+    depth: int,
+    width: int,
+    epochs: int,
+    seed: int,
+    activation: str = "relu",
+    num_classes: int = 10,
 ) -> MLPClassifier:
     """An :class:`MLPClassifier` trained with a plain loop (Adam, cross-entropy, batches of 64), in eval mode."""
     torch.manual_seed(seed)
-    model = MLPClassifier(input_dim=inputs[0].numel(), num_classes=10, depth=depth, width=width, activation=activation)
+    model = MLPClassifier(
+        input_dim=inputs[0].numel(), num_classes=num_classes, depth=depth, width=width, activation=activation
+    )
     optimizer = model.configure_optimizers()
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):

@@ -166,3 +166,58 @@ def test_adversarial_interaction_on_mnist1d_stays_in_the_data_range(adversarial:
     attacked = adversarial.pgd(model, x_val[:50], y_val[:50], 0.5, steps=3, step_size=0.2, bounds=bounds)
     assert (attacked - x_val[:50]).abs().max() <= 0.5 + 1e-5
     assert bounds[0] <= attacked.min() and attacked.max() <= bounds[1] and bounds[0] < -1 and bounds[1] > 1
+
+
+def test_bounds_on_the_specification_example() -> None:
+    bounds = load("bounds_and_metric").bounds
+    # (0000, 1100, 0011): r1 = 2, L = 6, D = 2, chi = 2/3 = 1 - D/L (the upper bound); reversed, r1 = 4 and
+    # chi_rev = 1/3, so abs(chi - chi_rev) = 1/3 = D/L: both bounds are reached.
+    patterns = torch.tensor([[[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]]], dtype=torch.bool)
+    found = bounds(patterns)
+    assert found["moving_paths"] == 1
+    assert found["lower_bound_broken"] == found["upper_bound_broken"] == found["gap_bound_broken"] == 0
+    assert found["upper_slack"] == pytest.approx(0.0, abs=1e-6)
+    assert found["gap_mean"] == pytest.approx(1 / 3) and found["d_over_l_mean"] == pytest.approx(1 / 3)
+    assert found["gap_over_bound"] == pytest.approx(1.0) and found["asymmetric_share"] == 1.0
+
+
+def test_bounds_and_metric_quick(tmp_path: Path) -> None:
+    networks = load("bounds_and_metric").main(["--quick", "--dataset", "mnist1d", "--out", str(tmp_path)])
+    assert [network.width for network in networks] == [8, 32]
+    for network in networks:
+        assert network.lower_bound_broken == network.upper_bound_broken == network.gap_bound_broken == 0
+        assert network.triples == 10 * 9 // 2 * 8
+        assert 0 <= network.triangle_violations <= network.triples and network.gap_mean <= network.d_over_l_mean
+    assert "| 3 x 32 |" in (tmp_path / "bounds.md").read_text()
+    assert len((tmp_path / "bounds.csv").read_text().splitlines()) == 3
+
+
+def test_symmetry_tasks_and_mirrors() -> None:
+    symmetry = load("symmetry")
+    for task, invariant in (("rings", ("x1 -> -x1", "x2 -> -x2")), ("off-centre rings", ("x2 -> -x2",))):
+        points, labels, edges = symmetry.plane_task(task, 3000, seed=0)
+        assert torch.bincount(labels).tolist() == [1000, 1000, 1000]
+        for mirror, reflect in symmetry.MIRRORS.items():
+            _, mirrored, _ = symmetry.plane_task(task, 3000, seed=0, edges=edges)
+            distance = (reflect(points) - torch.tensor(symmetry.CENTRES[task])).norm(dim=1)
+            same = torch.equal(torch.bucketize(distance, edges), mirrored)
+            assert same == (mirror in invariant), (task, mirror)
+    image = torch.arange(64.0).unsqueeze(0)
+    flipped = symmetry.mirror_of("digits")(image)
+    assert flipped[0, :8].tolist() == list(range(7, -1, -1)) and torch.equal(
+        symmetry.mirror_of("digits")(flipped), image
+    )
+    assert symmetry.mirror_of("mnist1d")(torch.arange(40.0).unsqueeze(0))[0, 0] == 39
+
+
+def test_symmetry_quick(tmp_path: Path) -> None:
+    results = load("symmetry").main(["--quick", "--dataset", "mnist1d", "--out", str(tmp_path)])
+    plane, mirrored = results["plane"], results["mnist1d"]
+    assert {row.paths for row in plane} == {"across x1 -> -x1", "across x2 -> -x2", "random pairs"}
+    for row in plane + mirrored:
+        assert row.layer_chi[0] == 0.0  # along a segment every first-layer unit switches at most once
+        assert 0.0 <= row.chi_mean < 1.0 and len(row.layer_chi) == 3
+    assert {row.task for row in mirrored} == {"mirror images, same label", "plain data (control)"}
+    assert (tmp_path / "plane.png").stat().st_size > 10_000
+    assert "| rings |" in (tmp_path / "plane.md").read_text()
+    assert "| plain data (control) |" in (tmp_path / "mnist1d.md").read_text()
