@@ -1,19 +1,23 @@
-"""Interaction along clean -> adversarial segments against clean -> clean segments, on a digits MLP.
+"""Interaction along clean -> adversarial segments against clean -> clean segments, on digits or MNIST-1D MLPs.
 
-Trains the examples' 64-32x3-10 ReLU MLP on scikit-learn's digits, attacks every correctly classified validation
-digit with FGSM and with PGD (L-infinity ball of radius epsilon, inputs clamped to [0, 1]), and samples the
-patterns at ``--steps`` steps along each segment from a clean digit to its adversarial version, and along as many
-segments between random pairs of validation digits. The interaction ``I(k) = chi(whole) - chi(pi_0..pi_k) -
+Trains the examples' ReLU MLP with three hidden layers of 32 units on scikit-learn's digits or MNIST-1D, attacks
+every correctly classified validation input with FGSM and with PGD (L-infinity ball of radius epsilon times the
+range of the training inputs, inputs clamped to that range: [0, 1] for digits), and samples the patterns at
+``--steps`` steps along each segment from a clean input to its adversarial version, and along as many segments
+between random pairs of validation inputs. The interaction ``I(k) = chi(whole) - chi(pi_0..pi_k) -
 chi(pi_k..pi_last)`` (specification, section 2) is computed at every interior point; the table reports, per path
 kind, the mean non-zero ``I`` and ``|I|`` (``I`` takes both signs), the share of points and of paths with
-``I != 0``, and the mean chi. Writes ``adversarial.md`` into ``--out``.
+``I != 0``, and the mean chi, each as mean ± std over ``--seeds`` networks. Writes ``adversarial.md`` and
+``adversarial.csv`` (one row per network and path kind) into ``--out`` (default ``docs/adversarial/<dataset>``).
 
-Run: python examples/adversarial_interaction.py [--epsilons 0.1 0.2] [--attacks fgsm pgd] [--steps 64]
+Run: python examples/adversarial_interaction.py [--dataset digits|mnist1d] [--seeds 5] [--epsilons 0.1 0.2]
+[--attacks fgsm pgd] [--steps 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -23,7 +27,17 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from digits import digits_split, train_mlp
+from digits import (
+    DATASET_NAMES,
+    add_dataset_argument,
+    grouped,
+    load_split,
+    plus_minus,
+    spread_of,
+    table_start,
+    train_mlp,
+    write_results,
+)
 
 from lightning_spacefold import fold_measure, interaction_profile, path_patterns
 from lightning_spacefold.sampling import random_pairs
@@ -32,13 +46,23 @@ from lightning_spacefold.sampling import random_pairs
 ZERO = 1e-5
 
 
-def fgsm(model: nn.Module, inputs: Tensor, labels: Tensor, epsilon: float) -> Tensor:
-    """One signed-gradient step of size ``epsilon`` up the cross-entropy, clamped to the valid range [0, 1]."""
-    return pgd(model, inputs, labels, epsilon, steps=1, step_size=epsilon)
+def fgsm(
+    model: nn.Module, inputs: Tensor, labels: Tensor, epsilon: float, bounds: tuple[float, float] = (0.0, 1.0)
+) -> Tensor:
+    """One signed-gradient step of size ``epsilon`` up the cross-entropy, clamped to the valid range ``bounds``."""
+    return pgd(model, inputs, labels, epsilon, steps=1, step_size=epsilon, bounds=bounds)
 
 
-def pgd(model: nn.Module, inputs: Tensor, labels: Tensor, epsilon: float, steps: int, step_size: float) -> Tensor:
-    """Projected gradient ascent on the cross-entropy in the L-infinity ball of radius ``epsilon``, within [0, 1]."""
+def pgd(
+    model: nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    epsilon: float,
+    steps: int,
+    step_size: float,
+    bounds: tuple[float, float] = (0.0, 1.0),
+) -> Tensor:
+    """Projected gradient ascent on the cross-entropy in the L-infinity ball of radius ``epsilon``, within bounds."""
     adversarial = inputs.clone()
     for _ in range(steps):
         adversarial.requires_grad_(True)
@@ -46,14 +70,17 @@ def pgd(model: nn.Module, inputs: Tensor, labels: Tensor, epsilon: float, steps:
         (gradient,) = torch.autograd.grad(loss, adversarial)
         with torch.no_grad():
             adversarial = adversarial + step_size * gradient.sign()
-            adversarial = torch.minimum(torch.maximum(adversarial, inputs - epsilon), inputs + epsilon).clamp(0, 1)
+            adversarial = torch.minimum(torch.maximum(adversarial, inputs - epsilon), inputs + epsilon)
+            adversarial = adversarial.clamp(*bounds)
     return adversarial.detach()
 
 
 @dataclass(frozen=True)
 class Row:
-    """Interaction statistics of one kind of path."""
+    """Interaction statistics of one kind of path, through one network."""
 
+    seed: int
+    accuracy: float
     paths: str
     count: int
     attack_success: float
@@ -64,12 +91,16 @@ class Row:
     nonzero_abs_mean: float
 
 
-def interaction_row(name: str, model: nn.Module, starts: Tensor, ends: Tensor, steps: int, success: float) -> Row:
+def interaction_row(
+    network: tuple[int, float], name: str, model: nn.Module, starts: Tensor, ends: Tensor, steps: int, success: float
+) -> Row:
+    """The row of one path kind; ``network`` is the seed and validation accuracy of ``model``."""
     patterns = path_patterns(model, starts, ends, steps=steps)
     interior = interaction_profile(patterns)[:, 1:-1]  # zero at both ends by construction
     nonzero = interior.abs() > ZERO
     values = interior[nonzero] if bool(nonzero.any()) else interior.new_zeros(1)
     return Row(
+        *network,
         paths=name,
         count=len(starts),
         attack_success=success,
@@ -81,68 +112,86 @@ def interaction_row(name: str, model: nn.Module, starts: Tensor, ends: Tensor, s
     )
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.2], help="L-infinity radii")
-    parser.add_argument("--attacks", choices=["fgsm", "pgd"], nargs="+", default=["fgsm", "pgd"])
-    parser.add_argument("--pgd-steps", type=int, default=10, help="PGD iterations, step size 2.5 epsilon / steps")
-    parser.add_argument("--steps", type=int, default=64, help="steps along each segment")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("docs/adversarial"))
-    parser.add_argument("--quick", action="store_true", help="FGSM at one epsilon, 3 epochs, 40 digits, 16 steps")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.attacks, args.epsilons, args.epochs, args.steps = ["fgsm"], args.epsilons[:1], 3, 16
-
-    x_train, y_train, x_val, y_val = digits_split()
-    model = train_mlp(x_train, y_train, depth=3, width=32, epochs=args.epochs, seed=args.seed)
+def attack_one(args: argparse.Namespace, seed: int, data: tuple[Tensor, Tensor, Tensor, Tensor]) -> list[Row]:
+    """Train the network of ``seed``, attack its correctly classified validation inputs, one row per path kind."""
+    x_train, y_train, x_val, y_val = data
+    bounds = (x_train.min().item(), x_train.max().item())
+    scale = bounds[1] - bounds[0]
+    model = train_mlp(x_train, y_train, depth=3, width=32, epochs=args.epochs, seed=seed)
     with torch.no_grad():
         correct = model(x_val).argmax(-1) == y_val
-    accuracy = correct.float().mean().item()
-    # Attack only digits the model gets right, so that success means the attack changed the decision.
+    network = (seed, correct.float().mean().item())
+    # Attack only inputs the model gets right, so that success means the attack changed the decision.
     inputs, labels = x_val[correct], y_val[correct]
     if args.quick:
         inputs, labels = inputs[:40], labels[:40]
 
-    clean = random_pairs(inputs, len(inputs), generator=args.seed)
-    rows = [interaction_row("clean -> clean", model, clean.starts, clean.ends, args.steps, float("nan"))]
+    clean = random_pairs(inputs, len(inputs), generator=seed)
+    rows = [interaction_row(network, "clean -> clean", model, clean.starts, clean.ends, args.steps, float("nan"))]
     for attack in args.attacks:
         for epsilon in args.epsilons:
+            radius = epsilon * scale
             if attack == "fgsm":
-                adversarial = fgsm(model, inputs, labels, epsilon)
+                adversarial = fgsm(model, inputs, labels, radius, bounds)
             else:
-                adversarial = pgd(model, inputs, labels, epsilon, args.pgd_steps, 2.5 * epsilon / args.pgd_steps)
+                adversarial = pgd(model, inputs, labels, radius, args.pgd_steps, 2.5 * radius / args.pgd_steps, bounds)
             with torch.no_grad():
                 fooled = model(adversarial).argmax(-1) != labels
             success = fooled.float().mean().item()
             name = f"clean -> {attack.upper()} eps={epsilon:g}"
-            rows.append(interaction_row(name, model, inputs, adversarial, args.steps, success))
+            rows.append(interaction_row(network, name, model, inputs, adversarial, args.steps, success))
             if bool(fooled.any()):
                 rows.append(
-                    interaction_row(f"{name}, fooled only", model, inputs[fooled], adversarial[fooled], args.steps, 1.0)
+                    interaction_row(
+                        network, f"{name}, fooled only", model, inputs[fooled], adversarial[fooled], args.steps, 1.0
+                    )
                 )
+    return rows
 
-    lines = [
-        f"Digits, 64-32x3-10 ReLU MLP ({args.epochs} epochs, validation accuracy {accuracy:.3f}); "
-        f"{len(inputs)} correctly classified validation digits, {args.steps} steps per segment; "
-        "I over interior points.",
-        "",
-        "| paths | count | attack success | mean chi | points with I != 0 | paths with I != 0 | mean non-zero I "
-        "| mean non-zero abs(I) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        success = "" if math.isnan(row.attack_success) else f"{row.attack_success:.1%}"
+
+def markdown(rows: list[Row], header: str) -> str:
+    """One line per path kind: mean ± std over the networks that have it."""
+    columns = ["paths", "count", "attack success", "mean chi", "points with I != 0", "paths with I != 0"]
+    lines = table_start(header, [*columns, "mean non-zero I", "mean non-zero abs(I)"])
+    for name, group in grouped(rows, lambda row: row.paths).items():
+        cell = functools.partial(spread_of, group)
+        success = "" if math.isnan(group[0].attack_success) else cell("attack_success", 3)
         lines.append(
-            f"| {row.paths} | {row.count} | {success} | {row.chi_mean:.4f} | {row.nonzero_points:.2%} "
-            f"| {row.nonzero_paths:.1%} | {row.nonzero_mean:.4f} | {row.nonzero_abs_mean:.4f} |"
+            f"| {name} | {cell('count', 0)} | {success} | {cell('chi_mean')} | {cell('nonzero_points', 3)} "
+            f"| {cell('nonzero_paths', 3)} | {cell('nonzero_mean')} | {cell('nonzero_abs_mean')} |"
         )
-    table = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adversarial.md").write_text(table)
-    print(table)
-    return {"accuracy": accuracy, "rows": [asdict(row) for row in rows]}
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_argument(parser)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.2], help="radii, times the input range")
+    parser.add_argument("--attacks", choices=["fgsm", "pgd"], nargs="+", default=["fgsm", "pgd"])
+    parser.add_argument("--pgd-steps", type=int, default=10, help="PGD iterations, step size 2.5 epsilon / steps")
+    parser.add_argument("--steps", type=int, default=64, help="steps along each segment")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=5, help="networks (seeds 0, 1, ...)")
+    parser.add_argument("--out", type=Path, help="output folder (default: docs/adversarial/<dataset>)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 network, FGSM at one epsilon, 3 epochs, 40 inputs, 16 steps"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.attacks, args.epsilons, args.epochs, args.steps, args.seeds = ["fgsm"], args.epsilons[:1], 3, 16, 1
+    out = args.out or Path("docs/adversarial") / args.dataset
+
+    data = load_split(args.dataset)
+    rows = [row for seed in range(args.seeds) for row in attack_one(args, seed, data)]
+    accuracy = [row.accuracy for row in rows if row.paths == "clean -> clean"]
+    header = (
+        f"{DATASET_NAMES[args.dataset]}, ReLU MLP {data[0][0].numel()}-32x3-10 ({args.epochs} epochs, validation "
+        f"accuracy {plus_minus(accuracy, 3)}), {args.seeds} network seed(s); all correctly classified validation "
+        f"inputs, epsilon times the input range {data[0].max() - data[0].min():.2f}, {args.steps} steps per segment; "
+        "I over interior points; ± = std over networks."
+    )
+    write_results(out, "adversarial", markdown(rows, header), rows)
+    return {"accuracy": accuracy[0], "rows": [asdict(row) for row in rows]}
 
 
 if __name__ == "__main__":

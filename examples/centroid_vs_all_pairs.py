@@ -1,17 +1,25 @@
 """Do k-means centroid pairs reproduce the folding over all pairs of a test set? (specification, section 4)
 
-Trains a 64-32-32-10 ReLU MLP on scikit-learn's digits (no download; model and data come from the examples'
-shared ``digits.py``), then measures on the test set the folding over every ordered pair of distinct test points,
-against the papers' efficient strategy (k-means centroids of each class, every ordered pair of distinct centroids)
-over several seeds, and against as many random test pairs as there are centroid pairs. Prints a Markdown table;
-"spread" is the standard deviation of the mean over seeds, "time" the seconds per run (pair selection included).
+Trains a ReLU MLP with two hidden layers of 32 units on scikit-learn's digits or on MNIST-1D (model and data come
+from the examples' shared ``digits.py``), then measures on the test set the folding over every ordered pair of
+distinct test points, against the papers' efficient strategy (k-means centroids of each class, every ordered pair of
+distinct centroids) over several seeds, and against as many random test pairs as there are centroid pairs. Prints a
+Markdown table per network; "spread" is the standard deviation of the mean over seeds, "time" the seconds per run
+(pair selection included).
 
-Run: python examples/centroid_vs_all_pairs.py [--steps 64] [--seeds 5] [--centroids 5] [--quick]
+With several ``--centroids`` values and ``--model-seeds N`` it trains N networks and, with ``--out``, writes
+``centroids.csv`` (one row per network and strategy) and ``centroids.md``: per strategy the mean over networks
+± the standard deviation over networks, the gap to the same network's all-pairs mean, and in how many networks that
+gap lies within the strategy's own spread over k-means seeds. Values of k above the smallest class are left out.
+
+Run: python examples/centroid_vs_all_pairs.py [--dataset digits|mnist1d] [--steps 64] [--seeds 5] [--centroids 5]
+[--model-seeds 1] [--out DIR] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import sys
 import time
@@ -23,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from digits import digits_split, train_mlp
+from digits import DATASET_NAMES, add_dataset_argument, load_split, plus_minus, table_start, train_mlp
 
 from lightning_spacefold.metric import SpaceFolding
 from lightning_spacefold.sampling import PairBatch, all_pairs, centroid_pairs, random_pairs
@@ -37,6 +45,7 @@ class Row:
     """One sampling strategy: statistics over its runs (one per seed)."""
 
     strategy: str
+    centroids: int | None
     folding: list[float]
     median_nonzero: list[float]
     folded_fraction: list[float]
@@ -63,7 +72,14 @@ def measure(model: nn.Module, pairs: PairBatch, steps: int) -> dict[str, Tensor]
     return metric.compute()
 
 
-def run(strategy: str, model: nn.Module, steps: int, seeds: Sequence[int], pick: Callable[[int], PairBatch]) -> Row:
+def run(
+    strategy: str,
+    model: nn.Module,
+    steps: int,
+    seeds: Sequence[int],
+    pick: Callable[[int], PairBatch],
+    centroids: int | None = None,
+) -> Row:
     """Pick pairs (timed with the measurement) and measure them once per seed."""
     runs, paths = [], 0
     begin = time.perf_counter()
@@ -74,6 +90,7 @@ def run(strategy: str, model: nn.Module, steps: int, seeds: Sequence[int], pick:
     seconds = (time.perf_counter() - begin) / len(seeds)
     return Row(
         strategy=strategy,
+        centroids=centroids,
         folding=[values["folding"].item() for values in runs],
         median_nonzero=[values["folding_median_nonzero"].item() for values in runs],
         folded_fraction=[values["folded_fraction"].item() for values in runs],
@@ -82,58 +99,46 @@ def run(strategy: str, model: nn.Module, steps: int, seeds: Sequence[int], pick:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> list[Row]:
-    """Run the comparison and print its table.
-
-    Args:
-        argv: Command-line arguments; ``None`` reads ``sys.argv``.
-
-    Returns:
-        One row per sampling strategy: all pairs, centroid pairs, random pairs.
-    """
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=64, help="segments per path")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds for the centroid and random pairs")
-    parser.add_argument("--centroids", type=int, default=5, help="k-means centroids per class")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test of a few seconds")
-    args = parser.parse_args(argv)
-    per_class, epochs, seeds, centroids = None, args.epochs, args.seeds, args.centroids
-    if args.quick:
-        per_class, epochs, seeds, centroids = 6, 2, min(seeds, 2), min(centroids, 2)
-
-    x_train, y_train, x_test, y_test = digits_split(seed=0)
-    model = train_mlp(x_train, y_train, depth=2, width=32, epochs=epochs, seed=0)
+def compare(
+    args: argparse.Namespace, model_seed: int, centroid_counts: Sequence[int], seeds: int, epochs: int
+) -> list[Row]:
+    """Train one network and compare all pairs, centroid pairs for every k and as many random pairs, on its test set."""
+    x_train, y_train, x_test, y_test = load_split(args.dataset, seed=0)
+    model = train_mlp(x_train, y_train, depth=2, width=32, epochs=epochs, seed=model_seed)
     with torch.no_grad():
         accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
-    if per_class is not None:
-        keep = balanced_subset(y_test, per_class)
+    if args.quick:
+        keep = balanced_subset(y_test, 6)
         x_test, y_test = x_test[keep], y_test[keep]
 
     everything = all_pairs(x_test, labels=y_test)
     rows = [run("all pairs", model, args.steps, [0], lambda _: everything)]
-    rows.append(
-        run(
-            f"centroid pairs (k={centroids})",
+    smallest = int(torch.bincount(y_test).min())
+    centroid_counts = [k for k in dict.fromkeys(centroid_counts) if k <= smallest]
+    for k in centroid_counts:
+        centroid = run(
+            f"centroid pairs (k={k})",
             model,
             args.steps,
             range(seeds),
-            lambda seed: centroid_pairs(x_test, y_test, centroids, generator=seed),
+            lambda seed, k=k: centroid_pairs(x_test, y_test, k, generator=seed),
+            centroids=k,
         )
-    )
-    rows.append(
-        run(
-            "random pairs (as many)",
-            model,
-            args.steps,
-            range(seeds),
-            lambda seed: random_pairs(x_test, rows[1].paths, labels=y_test, generator=seed),
+        rows.append(centroid)
+        rows.append(
+            run(
+                "random pairs (as many)" if len(centroid_counts) == 1 else f"random pairs (as many as k={k})",
+                model,
+                args.steps,
+                range(seeds),
+                lambda seed, paths=centroid.paths: random_pairs(x_test, paths, labels=y_test, generator=seed),
+                centroids=k,
+            )
         )
-    )
 
     print(
-        f"digits MLP 64-32-32-10: test accuracy {accuracy:.3f}; {len(x_test)} test points, steps={args.steps}, "
-        f"{seeds} seeds"
+        f"{DATASET_NAMES[args.dataset]} MLP {x_test[0].numel()}-32x2-10 (seed {model_seed}): test accuracy "
+        f"{accuracy:.3f}; {len(x_test)} test points, steps={args.steps}, {seeds} seeds"
     )
     print("| pairs | mean chi | spread (std over seeds) | median non-zero chi | folded fraction | paths | time (s) |")
     print("|---|---|---|---|---|---|---|")
@@ -146,5 +151,71 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     return rows
 
 
+def summary(networks: list[list[Row]], header: str) -> str:
+    """Per strategy, over networks: mean chi, gap to the network's all-pairs mean, and how often it is within spread."""
+    within = "networks with abs(gap) <= spread over k-means seeds"
+    lines = table_start(
+        header, ["pairs", "paths", "mean chi", "gap to all pairs", within, "median non-zero chi", "folded fraction"]
+    )
+    for position, row in enumerate(networks[0]):
+        same = [rows[position] for rows in networks]
+        means = [statistics.fmean(r.folding) for r in same]
+        gaps = [mean - statistics.fmean(rows[0].folding) for mean, rows in zip(means, networks, strict=True)]
+        within = sum(abs(gap) <= r.spread for gap, r in zip(gaps, same, strict=True))
+        lines.append(
+            f"| {row.strategy} | {row.paths} | {plus_minus(means)} | {plus_minus(gaps) if position else ''} "
+            f"| {f'{within} of {len(networks)}' if position else ''} "
+            f"| {plus_minus([statistics.fmean(r.median_nonzero) for r in same])} "
+            f"| {plus_minus([statistics.fmean(r.folded_fraction) for r in same], 3)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    """Run the comparison and print its table.
+
+    Args:
+        argv: Command-line arguments; ``None`` reads ``sys.argv``.
+
+    Returns:
+        One row per sampling strategy (all pairs, then centroid and random pairs for each k) and network.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_argument(parser)
+    parser.add_argument("--steps", type=int, default=64, help="segments per path")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds for the centroid and random pairs")
+    parser.add_argument("--centroids", type=int, nargs="+", default=[5], help="k-means centroids per class")
+    parser.add_argument("--model-seeds", type=int, default=1, help="networks trained (seeds 0, 1, ...)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--out", type=Path, help="write centroids.csv and centroids.md (over networks) here")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test of a few seconds")
+    args = parser.parse_args(argv)
+    epochs, seeds, centroid_counts = args.epochs, args.seeds, args.centroids
+    if args.quick:
+        epochs, seeds, centroid_counts = 2, min(seeds, 2), [min(k, 2) for k in centroid_counts]
+
+    networks = [compare(args, model_seed, centroid_counts, seeds, epochs) for model_seed in range(args.model_seeds)]
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "centroids.csv", "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["model_seed", "strategy", "centroids", "paths", "chi_mean", "chi_spread", "seconds"])
+            for model_seed, rows in enumerate(networks):
+                writer.writerows(
+                    [model_seed, r.strategy, r.centroids, r.paths, statistics.fmean(r.folding), r.spread, r.seconds]
+                    for r in rows
+                )
+        header = (
+            f"{DATASET_NAMES[args.dataset]}, MLP with 2 hidden layers of 32 units, {epochs} epochs, "
+            f"{len(networks)} network seed(s); all ordered pairs of distinct test points, {seeds} k-means / random "
+            f"seeds per network, {args.steps} steps per path (± = std over networks; spread = std over k-means "
+            f"seeds of one network)."
+        )
+        (args.out / "centroids.md").write_text(summary(networks, header))
+        print(summary(networks, header))
+    return [row for rows in networks for row in rows]
+
+
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     main()

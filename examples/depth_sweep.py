@@ -1,19 +1,19 @@
-"""Does folding grow with depth? ReLU MLPs of several depths on scikit-learn's digits (specification, section 4).
+"""Does folding grow with depth? ReLU MLPs of several depths on digits or MNIST-1D (specification, section 4).
 
 Two series: a fixed budget of 60 hidden units (2x30, 3x20, 4x15, 5x12, 6x10) and a fixed width of 32 (depths 1 to 6),
 several seeds each. Per network: the exact folding (``path_folding(..., exact=True)``) of segments between validation
-digits balanced over all ordered class pairs (the same pairs for every network), the share of folded paths, the mean
+inputs balanced over all ordered class pairs (the same pairs for every network), the share of folded paths, the mean
 number of linear regions per path and the validation accuracy. Writes ``depth_sweep.csv`` (one row per network),
-``depth_sweep.md`` (mean and spread over seeds) and ``depth_sweep.png`` into ``--out``.
+``depth_sweep.md`` (mean and spread over seeds) and ``depth_sweep.png`` into ``--out`` (default
+``docs/depth_sweep/<dataset>``).
 
-Run: python examples/depth_sweep.py [--seeds 3] [--epochs 100] [--pairs 500] [--out docs/depth_sweep] [--quick]
+Run: python examples/depth_sweep.py [--dataset digits|mnist1d] [--seeds 5] [--epochs 100] [--pairs 500] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from digits import digits_split, train_mlp
+from digits import DATASET_NAMES, add_dataset_argument, load_split, mean_std, train_mlp
 
 from lightning_spacefold import SpaceFolding, path_folding
 from lightning_spacefold.sampling import class_pairs
@@ -69,10 +69,6 @@ def summary(runs: list[Run]) -> list[dict[str, object]]:
     groups: dict[tuple[str, int, int], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.series, run.depth, run.width), []).append(run)
-
-    def spread(values: list[float]) -> float:
-        return statistics.stdev(values) if len(values) > 1 else 0.0
-
     rows = []
     for (series, depth, width), group in groups.items():
         row: dict[str, object] = {"series": series, "depth": depth, "width": width, "seeds": len(group)}
@@ -84,8 +80,7 @@ def summary(runs: list[Run]) -> list[dict[str, object]]:
             "train_accuracy",
             "val_accuracy",
         ):
-            values = [getattr(run, field) for run in group]
-            row[field], row[f"{field}_std"] = statistics.fmean(values), spread(values)
+            row[field], row[f"{field}_std"] = mean_std([getattr(run, field) for run in group])
         rows.append(row)
     return rows
 
@@ -99,11 +94,14 @@ def markdown(rows: list[dict[str, object]], header: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+
+        def cell(field: str, decimals: int, row: dict[str, object] = row) -> str:
+            return f"{row[field]:.{decimals}f} ± {row[f'{field}_std']:.{decimals}f}"
+
         lines.append(
-            f"| {row['series']} | {row['depth']} x {row['width']} "
-            f"| {row['chi_mean']:.4f} ± {row['chi_mean_std']:.4f} | {row['chi_median_nonzero']:.4f} "
-            f"| {row['folded_share']:.1%} | {row['regions_mean']:.1f} | {row['train_accuracy']:.3f} "
-            f"| {row['val_accuracy']:.3f} ± {row['val_accuracy_std']:.3f} |"
+            f"| {row['series']} | {row['depth']} x {row['width']} | {cell('chi_mean', 4)} "
+            f"| {cell('chi_median_nonzero', 4)} | {cell('folded_share', 3)} | {cell('regions_mean', 1)} "
+            f"| {cell('train_accuracy', 3)} | {cell('val_accuracy', 3)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -136,17 +134,20 @@ def figure(rows: list[dict[str, object]], title: str) -> Figure:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3, help="networks per configuration")
+    add_dataset_argument(parser)
+    parser.add_argument("--seeds", type=int, default=5, help="networks per configuration")
     parser.add_argument("--epochs", type=int, default=100, help="enough for every network to fit the training set")
     parser.add_argument("--pairs", type=int, default=500, help="validation pairs over the 10 x 10 class pairs")
     parser.add_argument("--steps", type=int, default=None, help="sample this many steps instead of exact traversal")
-    parser.add_argument("--out", type=Path, default=Path("docs/depth_sweep"))
+    parser.add_argument("--out", type=Path, help="output folder (default: docs/depth_sweep/<dataset>)")
     parser.add_argument("--quick", action="store_true", help="2 configurations, 1 seed, 2 epochs, 40 pairs")
     args = parser.parse_args(argv)
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     seeds, epochs, num_pairs = (1, 2, 40) if args.quick else (args.seeds, args.epochs, args.pairs)
 
-    x_train, y_train, x_val, y_val = digits_split()
+    out = args.out or Path("docs/depth_sweep") / args.dataset
+    name = DATASET_NAMES[args.dataset]
+    x_train, y_train, x_val, y_val = load_split(args.dataset)
     train_val = ((x_train, y_train), (x_val, y_val))
     pairs = class_pairs(x_val, y_val, num_pairs, generator=0)
     runs = []
@@ -160,21 +161,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             runs.append(Run(series, depth, width, seed, *folding, fit, accuracy, time.perf_counter() - begin))
             print(f"{series}: {depth}x{width} seed {seed}: chi {folding[0]:.4f}, val. accuracy {accuracy:.3f}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "depth_sweep.csv", "w", newline="") as file:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "depth_sweep.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(asdict(runs[0])))
         writer.writeheader()
         writer.writerows(asdict(run) for run in runs)
     rows = summary(runs)
     sampling = "exact traversal" if args.steps is None else f"{args.steps} steps"
     header = (
-        f"Digits, {len(pairs)} validation pairs over all ordered class pairs, {sampling}, {epochs} epochs, "
+        f"{name}, {len(pairs)} validation pairs over all ordered class pairs, {sampling}, {epochs} epochs, "
         f"{seeds} seed(s) per configuration (± = std over seeds)."
     )
     table = markdown(rows, header)
-    (args.out / "depth_sweep.md").write_text(table)
-    fig = figure(rows, f"Digits: mean chi ({sampling}) and validation accuracy, mean ± std over {seeds} seed(s)")
-    fig.savefig(args.out / "depth_sweep.png", dpi=120)
+    (out / "depth_sweep.md").write_text(table)
+    fig = figure(rows, f"{name}: mean chi ({sampling}) and validation accuracy, mean ± std over {seeds} seed(s)")
+    fig.savefig(out / "depth_sweep.png", dpi=120)
     print(table)
     return {"rows": rows, "runs": [asdict(run) for run in runs]}
 

@@ -1,14 +1,25 @@
-"""A configurable MLP classifier and a DataModule for scikit-learn's digits (no download), MNIST or Fashion-MNIST.
+"""A configurable MLP classifier and a DataModule for scikit-learn's digits, MNIST-1D (both local), MNIST or
+Fashion-MNIST.
 
-Shared by the examples; `train.py` exposes both through the Lightning CLI. ``digits_split`` and ``train_mlp`` are
+Shared by the examples; `train.py` exposes both through the Lightning CLI. ``load_split`` and ``train_mlp`` are
 for the examples that train many small networks: a plain loop is much faster than a Trainer for them on a CPU.
+``add_dataset_argument`` gives every experiment script the same ``--dataset digits|mnist1d`` option.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import argparse
+import csv
+import dataclasses
+import functools
+import random
+import statistics
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -83,21 +94,129 @@ class MLPClassifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
-class DigitsDataModule(pl.LightningDataModule):
-    """Digits from scikit-learn (8x8, no download), or MNIST / Fashion-MNIST through torchvision (downloads).
+T = TypeVar("T")
+
+# The datasets the experiment scripts take (``--dataset``): both are made locally, without a download.
+DATASETS = ("digits", "mnist1d")
+INPUT_DIMS = {"digits": 64, "mnist1d": 40, "mnist": 28 * 28, "fashion_mnist": 28 * 28}
+# MNIST-1D is the package's standard dataset: its default arguments, generated from their seed (42).
+MNIST1D_SEED = 42
+
+
+@functools.cache
+def _mnist1d() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MNIST-1D generated locally (``make_dataset``; never ``get_dataset``, which downloads): 4000 + 1000 sequences."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as error:
+        raise ImportError("dataset='mnist1d' needs the mnist1d package: pip install mnist1d") from error
+    args = get_dataset_args()
+    args.seed = MNIST1D_SEED
+    # make_dataset seeds the global `random` and NumPy generators: keep the caller's streams as they were.
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return data["x"], data["y"], data["x_test"], data["y_test"]
+
+
+def load_split(dataset: str = "digits", seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Train inputs, train labels, validation inputs and labels of a local dataset, as float32 / int64 tensors.
 
     Args:
-        dataset: ``digits`` (1797 images, 25% held out for validation and testing), ``mnist`` or
-            ``fashion_mnist`` (needs ``pip install torchvision`` and internet access; their test split serves for
-            validation and testing).
+        dataset: ``digits`` (scikit-learn's 1797 8x8 images scaled to [0, 1]; a stratified 75/25 split drawn with
+            ``seed``) or ``mnist1d`` (the standard MNIST-1D, generated from seed 42: 4000 training and 1000 test
+            sequences of 40 values, each feature standardised with the training mean and deviation; ``seed`` is not
+            used).
+        seed: Seed of the digits split.
+    """
+    if dataset == "digits":
+        inputs, labels = load_digits(return_X_y=True)
+        split = train_test_split(inputs / 16.0, labels, test_size=0.25, random_state=seed, stratify=labels)
+        x_train, x_val, y_train, y_val = split
+    elif dataset == "mnist1d":
+        x_train, y_train, x_val, y_val = _mnist1d()
+        mean, deviation = x_train.mean(0), x_train.std(0)
+        x_train, x_val = (x_train - mean) / deviation, (x_val - mean) / deviation
+    else:
+        raise ValueError(f"`dataset` must be one of {DATASETS}, got {dataset!r}.")
+    return (
+        torch.as_tensor(x_train).float(),
+        torch.as_tensor(y_train).long(),
+        torch.as_tensor(x_val).float(),
+        torch.as_tensor(y_val).long(),
+    )
+
+
+DATASET_NAMES = {"digits": "Digits", "mnist1d": "MNIST-1D"}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the values (deviation 0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plus_minus(values: Sequence[float], decimals: int = 4) -> str:
+    """``mean ± std`` of the values, for the examples' tables."""
+    mean, deviation = mean_std(values)
+    return f"{mean:.{decimals}f} ± {deviation:.{decimals}f}"
+
+
+def spread_of(records: Sequence[object], field: str, decimals: int = 4) -> str:
+    """``mean ± std`` of one attribute over records (e.g. one row per seed)."""
+    return plus_minus([getattr(record, field) for record in records], decimals)
+
+
+def table_start(header: str, columns: Sequence[str]) -> list[str]:
+    """The first lines of a markdown table under a header line: the header, a blank line, the column names."""
+    return [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def write_results(out: Path, name: str, table: str, records: Sequence[Any]) -> None:
+    """Write ``table`` to ``out/name.md`` and the dataclass ``records`` (one row each) to ``out/name.csv``, and print
+    the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table)
+    with open(out / f"{name}.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[field.name for field in dataclasses.fields(records[0])])
+        writer.writeheader()
+        writer.writerows(dataclasses.asdict(record) for record in records)
+    print(table)
+
+
+def grouped(records: Iterable[T], key: Callable[[T], Hashable]) -> dict[Hashable, list[T]]:
+    """The records grouped by ``key``, groups and records in order of first appearance."""
+    groups: dict[Hashable, list[T]] = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    return groups
+
+
+def add_dataset_argument(parser: argparse.ArgumentParser) -> None:
+    """The experiment scripts' ``--dataset digits|mnist1d`` option (default: digits)."""
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default="digits", help="digits (scikit-learn, 8x8) or mnist1d (40 values)"
+    )
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """Digits from scikit-learn (8x8), MNIST-1D (both made locally), or MNIST / Fashion-MNIST (torchvision downloads).
+
+    Args:
+        dataset: ``digits`` (1797 images, 25% held out for validation and testing), ``mnist1d`` (4000 training
+            and 1000 test sequences generated locally by the mnist1d package; the test split serves for validation
+            and testing; see :func:`load_split`), ``mnist`` or ``fashion_mnist`` (needs ``pip install torchvision``
+            and internet access; their test split serves for validation and testing).
         batch_size: Training and validation batch size.
-        seed: Seed of the digits train/validation split.
+        seed: Seed of the digits train/validation split (MNIST-1D is always the standard dataset of seed 42).
         data_dir: Where torchvision stores MNIST and Fashion-MNIST.
     """
 
     def __init__(
         self,
-        dataset: Literal["digits", "mnist", "fashion_mnist"] = "digits",
+        dataset: Literal["digits", "mnist1d", "mnist", "fashion_mnist"] = "digits",
         batch_size: int = 64,
         seed: int = 0,
         data_dir: str = "data",
@@ -113,17 +232,14 @@ class DigitsDataModule(pl.LightningDataModule):
     @property
     def input_dim(self) -> int:
         """Number of input features."""
-        return 64 if self.dataset == "digits" else 28 * 28
+        return INPUT_DIMS[self.dataset]
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
-        if self.dataset == "digits":
-            inputs, labels = load_digits(return_X_y=True)
-            split = train_test_split(inputs / 16.0, labels, test_size=0.25, random_state=self.seed, stratify=labels)
-            x_train, x_val, y_train, y_val = (torch.as_tensor(part) for part in split)
-            self.train_set = TensorDataset(x_train.float(), y_train.long())
-            self.val_set = TensorDataset(x_val.float(), y_val.long())
+        if self.dataset in DATASETS:
+            x_train, y_train, x_val, y_val = load_split(self.dataset, self.seed)
+            self.train_set, self.val_set = TensorDataset(x_train, y_train), TensorDataset(x_val, y_val)
         else:
             self.train_set, self.val_set = (self._torchvision(train) for train in (True, False))
 
@@ -146,19 +262,21 @@ class DigitsDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
 
-def digits_split(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The digits split of :class:`DigitsDataModule`: train inputs, train labels, validation inputs and labels."""
-    data = DigitsDataModule(dataset="digits", seed=seed)
-    data.setup("fit")
-    return (*data.train_set.tensors, *data.val_set.tensors)
-
-
 def train_mlp(
-    inputs: Tensor, labels: Tensor, depth: int, width: int, epochs: int, seed: int, activation: str = "relu"
+    inputs: Tensor,
+    labels: Tensor,
+    depth: int,
+    width: int,
+    epochs: int,
+    seed: int,
+    activation: str = "relu",
+    num_classes: int = 10,
 ) -> MLPClassifier:
     """An :class:`MLPClassifier` trained with a plain loop (Adam, cross-entropy, batches of 64), in eval mode."""
     torch.manual_seed(seed)
-    model = MLPClassifier(input_dim=inputs[0].numel(), num_classes=10, depth=depth, width=width, activation=activation)
+    model = MLPClassifier(
+        input_dim=inputs[0].numel(), num_classes=num_classes, depth=depth, width=width, activation=activation
+    )
     optimizer = model.configure_optimizers()
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):

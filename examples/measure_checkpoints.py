@@ -10,7 +10,8 @@ Checkpoints every N steps come from ``ModelCheckpoint(every_n_train_steps=N, sav
 --trainer.callbacks.every_n_train_steps=25 --trainer.callbacks.save_top_k=-1``.
 
 Run: python examples/measure_checkpoints.py runs/digits/version_0/checkpoints [--module digits.MLPClassifier]
-[--datamodule digits.DigitsDataModule] [--out runs/checkpoints]
+[--datamodule digits.DigitsDataModule] [--dataset digits|mnist1d] [--out runs/checkpoints]
+(``--dataset`` is passed to the DataModule, which must then take a ``dataset`` argument, as the examples' does.)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).parent))
+from digits import DATASETS
 
 from lightning_spacefold import SpaceFoldingCallback
 
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("checkpoints", type=Path, help="folder of *.ckpt files")
     parser.add_argument("--module", default="digits.MLPClassifier", help="the LightningModule class, module.Class")
     parser.add_argument("--datamodule", default="digits.DigitsDataModule", help="its data (for the probe set)")
+    parser.add_argument("--dataset", choices=DATASETS, help="the DataModule's `dataset` (default: its own default)")
     parser.add_argument("--out", type=Path, default=Path("runs/checkpoints"), help="TensorBoard logs and the CSV")
     parser.add_argument("--num-pairs", type=int, default=64)
     parser.add_argument("--steps", type=int, default=64)
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--exact", action="store_true")
     args = parser.parse_args(argv)
 
-    module_class, datamodule = import_class(args.module), import_class(args.datamodule)()
+    dataset = {} if args.dataset is None else {"dataset": args.dataset}
+    module_class, datamodule = import_class(args.module), import_class(args.datamodule)(**dataset)
     callback = SpaceFoldingCallback(
         num_pairs=args.num_pairs,
         steps=args.steps,

@@ -1,6 +1,7 @@
-"""Train a small MLP on scikit-learn's digits (no download) and measure how it folds the segments between test digits.
+"""Train a small MLP on scikit-learn's digits or MNIST-1D (no download) and measure how it folds test segments.
 
-Run: python examples/measure_trained_mlp.py [--epochs 30] [--pairs 256] [--steps 64] [--figure docs/example_paths.png]
+Run: python examples/measure_trained_mlp.py [--dataset digits|mnist1d] [--epochs 30] [--pairs 256] [--steps 64]
+[--figure docs/example_paths.png]
 
 With ``--figure`` it also draws the Hamming distance from the start along the four most folded paths.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from digits import digits_split, train_mlp
+from digits import add_dataset_argument, load_split, train_mlp
 
 from lightning_spacefold import fold_measure, path_folding, path_patterns
 from lightning_spacefold.figures import distance_figure
@@ -24,6 +25,7 @@ from lightning_spacefold.measure import step_distances
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_argument(parser)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--steps", type=int, default=64)
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--figure", type=Path, help="save the walks of the four most folded paths to this PNG")
     args = parser.parse_args(argv)
 
-    x_train, y_train, x_test, y_test = digits_split(args.seed)
+    x_train, y_train, x_test, y_test = load_split(args.dataset, args.seed)
     model = train_mlp(x_train, y_train, depth=2, width=32, epochs=args.epochs, seed=args.seed)
     with torch.no_grad():
         accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()

@@ -61,6 +61,59 @@ def test_main_job_from_the_yaml_config(tmp_path: Path, monkeypatch, capsys) -> N
     assert list((tmp_path / "runs" / "digits").glob("version_0/events.out.tfevents.*"))
 
 
+def test_mnist1d_is_generated_locally_standardised_and_fixed(monkeypatch) -> None:
+    import random
+
+    import mnist1d.data
+    import numpy as np
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("MNIST-1D must be generated, never downloaded")
+
+    monkeypatch.setattr(mnist1d.data, "get_dataset", no_download)
+    monkeypatch.setattr(mnist1d.data.requests, "get", no_download)
+    digits = load("digits")
+    random.seed(7)
+    np.random.seed(7)
+    x_train, y_train, x_val, y_val = digits.load_split("mnist1d")
+    # The caller's random streams are untouched by the generator's own seeding.
+    assert random.random() == random.Random(7).random()
+    assert np.random.random() == np.random.RandomState(7).random_sample()
+    assert (x_train.shape, x_val.shape, y_train.shape, y_val.shape) == ((4000, 40), (1000, 40), (4000,), (1000,))
+    assert (x_train.dtype, y_train.dtype) == (torch.float32, torch.int64)
+    assert set(y_train.unique().tolist()) == set(range(10))
+    torch.testing.assert_close(x_train.mean(0), torch.zeros(40), atol=1e-4, rtol=0)
+    torch.testing.assert_close(x_train.std(0, unbiased=False), torch.ones(40), atol=1e-4, rtol=0)
+    again = digits.load_split("mnist1d", seed=3)  # the split seed is for digits; MNIST-1D is one fixed dataset
+    assert torch.equal(again[0], x_train) and torch.equal(again[3], y_val)
+    with pytest.raises(ValueError, match="`dataset` must be one of"):
+        digits.load_split("mnist")
+
+
+def test_main_job_on_mnist1d_from_the_command_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = load("train").main(
+        [
+            "fit",
+            "--config",
+            str(EXAMPLES / "config.yaml"),
+            "--data.dataset",
+            "mnist1d",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false",
+            "--trainer.callbacks.every_n_train_steps=2",
+            "--trainer.callbacks.steps=8",
+        ]
+    )
+    assert cli.model.hparams.input_dim == 40 and cli.datamodule.dataset == "mnist1d"
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SpaceFoldingCallback")
+    assert len(callback.latest_result) == 10 * 9 * 3 * 3 and callback.latest_step == 4
+    assert 0.0 <= callback.latest_metrics["spacefold/folding"] < 1.0
+
+
 def test_main_job_with_the_callback_added_on_the_command_line(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     cli = load("train").main(
@@ -89,10 +142,15 @@ def test_main_job_with_the_callback_added_on_the_command_line(tmp_path: Path, mo
     }
 
 
-def test_regularization_experiment(tmp_path: Path) -> None:
-    rows = load("regularization_experiment").main(["--quick", "--out", str(tmp_path)])
+@pytest.mark.parametrize("dataset", ["digits", "mnist1d"])
+def test_regularization_experiment(tmp_path: Path, dataset: str) -> None:
+    rows = load("regularization_experiment").main(["--quick", "--dataset", dataset, "--out", str(tmp_path)])
     assert [row["weight"] for row in rows] == [0.0, 1.0]
-    assert (tmp_path / "results.md").read_text().startswith("| weight |")
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith({"digits": "Digits, MLP 64-", "mnist1d": "MNIST-1D, MLP 40-"}[dataset])
+    assert "| weight |" in text and "| rise of folding (Spearman, epochs 1..) |" in text
+    header, *curves = (tmp_path / "curves.csv").read_text().splitlines()
+    assert header == "weight,seed,step,folding,median_nonzero" and len(curves) == 4  # 2 runs, at the start and 1 epoch
     assert (tmp_path / "folding_over_training.png").stat().st_size > 0
 
 

@@ -470,3 +470,19 @@ def test_centroid_example_quick(capsys: pytest.CaptureFixture[str], monkeypatch:
     for row in rows:
         assert all(0.0 <= value < 1.0 for value in row.folding)
     assert "| all pairs |" in capsys.readouterr().out
+
+
+def test_centroid_example_over_networks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("centroid_vs_all_pairs", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(EXAMPLE.parent))
+    monkeypatch.setitem(sys.modules, spec.name, example)
+    spec.loader.exec_module(example)
+    arguments = ["--quick", "--dataset", "mnist1d", "--steps", "8", "--model-seeds", "2", "--centroids", "1", "2"]
+    rows = example.main([*arguments, "--out", str(tmp_path)])
+    strategies = ["all pairs", "centroid pairs (k=1)", "random pairs (as many as k=1)", "centroid pairs (k=2)"]
+    assert [row.strategy for row in rows[:4]] == strategies and len(rows) == 2 * 5
+    assert [row.paths for row in rows[:5]] == [60 * 59, 10 * 9, 10 * 9, 10 * 9 * 4 + 10 * 2, 10 * 9 * 4 + 10 * 2]
+    assert len((tmp_path / "centroids.csv").read_text().splitlines()) == 1 + 2 * 5
+    table = (tmp_path / "centroids.md").read_text()
+    assert table.startswith("MNIST-1D, MLP with 2 hidden layers") and "| centroid pairs (k=2) | 380 |" in table
