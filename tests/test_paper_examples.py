@@ -100,7 +100,8 @@ def test_cantornet_regions_and_folding_at_every_depth(cantornet: ModuleType, dep
     # Each recursion maps the segment onto two copies of the previous walk (A folds [0, 1/3] and [2/3, 1] onto
     # [0, 1]) joined through the collapsed middle third: regions 2 * R + 1 from R = 5 at depth 1, i.e. 3 * 2^k - 1;
     # walk length 2 * r2 + 4 from 6, i.e. 5 * 2^k - 4; and the farthest pattern two bits farther per recursion,
-    # r1 = 2k + 1. the reproductions page's table: chi = 1 - (2k + 1) / (5 * 2^k - 4) = 0.5, 0.6875, 0.8056, 0.8816, 0.9295.
+    # r1 = 2k + 1. The reproductions page's table: chi = 1 - (2k + 1) / (5 * 2^k - 4) = 0.5, 0.6875, 0.8056, 0.8816,
+    # 0.9295.
     model = cantornet.cantornet(depth)
     start, end = (torch.tensor([point], dtype=torch.float64) for point in cantornet.SEGMENT)
     exact = path_folding(model, start, end, exact=True)
