@@ -1,22 +1,26 @@
-"""Overhead of SpaceFoldingCallback at its default schedule on the digits example.
+"""Overhead of SpaceFoldingCallback on the digits example: whole fits with a TensorBoard logger, as a user runs them.
 
-Run: python benchmarks/bench_callback_overhead.py [--epochs 20] [--repeats 3]
+Run: python benchmarks/bench_callback_overhead.py [--epochs 20] [--repeats 5]
 
-Prints the time spent measuring as a share of the fit's time (timed around each measurement), the ratio of the
-fit's time with the callback to the fit's time without it, and the same ratio with the regulariser switched on at
-its defaults (16 pairs x 16 steps at every step); same seed, same process, best of the repeats.
+Every repeat fits the same model (same seed, same process) without the callback and with it at its defaults, with
+figures off, with figures and histogram off, and with the regulariser on; all with a TensorBoard logger. Prints, per
+configuration, fit time / fit time without the callback of the same repeat (min, median and max over the repeats),
+and the share of the fit spent in the measurements themselves (timed around each one).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 from digits import DigitsDataModule, MLPClassifier
@@ -26,25 +30,33 @@ from lightning_spacefold import SpaceFoldingCallback
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
+CONFIGURATIONS = {
+    "defaults": {},
+    "log_figures=False": {"log_figures": False},
+    "log_figures=False, log_histogram=False": {"log_figures": False, "log_histogram": False},
+    "regularize=True": {"regularize": True},
+}
+
 
 def fit(epochs: int, callback: SpaceFoldingCallback | None) -> float:
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[] if callback is None else [callback],
-    )
-    begin = time.perf_counter()
-    trainer.fit(MLPClassifier(), datamodule=DigitsDataModule())
-    return time.perf_counter() - begin
+    with tempfile.TemporaryDirectory() as directory:
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=TensorBoardLogger(directory),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[] if callback is None else [callback],
+        )
+        begin = time.perf_counter()
+        trainer.fit(MLPClassifier(), datamodule=DigitsDataModule())
+        return time.perf_counter() - begin
 
 
 class TimedCallback(SpaceFoldingCallback):
-    """The callback with a stopwatch around each measurement."""
+    """The callback with a stopwatch around each measurement (with its logging and figures)."""
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
@@ -57,26 +69,34 @@ class TimedCallback(SpaceFoldingCallback):
         self.count += 1
 
 
+def spread(values: list[float], form: str) -> str:
+    return f"min {min(values):{form}}, median {statistics.median(values):{form}}, max {max(values):{form}}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    fit(1, None)  # warm-up: imports, first allocations
-    plain, measured, regularized, shares = [], [], [], []
+    fit(1, TimedCallback())  # warm-up: imports (TensorBoard, matplotlib), first allocations
+    ratios: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
+    shares: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
     for _ in range(args.repeats):
-        plain.append(fit(args.epochs, None))
-        callback = TimedCallback()
-        measured.append(fit(args.epochs, callback))
-        shares.append(callback.seconds / measured[-1])
-        regularized.append(fit(args.epochs, TimedCallback(regularize=True)))
+        plain = fit(args.epochs, None)
+        for name, kwargs in CONFIGURATIONS.items():
+            callback = TimedCallback(**kwargs)
+            seconds = fit(args.epochs, callback)
+            ratios[name].append(seconds / plain)
+            shares[name].append(callback.seconds / seconds)
     print(
-        f"digits MLP 64-32x3-10, {args.epochs} epochs (22 steps each), default schedule: {callback.count} "
-        f"measurements of {callback.num_pairs} pairs x {callback.steps} steps"
+        f"digits MLP 64-32x3-10, {args.epochs} epochs (22 steps each), TensorBoard logger, {args.repeats} repeats; "
+        f"default schedule: {callback.count} measurements of {callback.num_pairs} pairs x {callback.steps} steps"
     )
-    print(f"measurement time / fit time: {min(shares):.1%} (best of {args.repeats}; target <= 5%)")
-    print(f"fit with callback / fit without: {min(measured) / min(plain):.3f}x")
-    print(f"fit with callback and regulariser / fit without callback: {min(regularized) / min(plain):.3f}x")
+    for name in CONFIGURATIONS:
+        print(
+            f"{name}: fit time / without the callback {spread(ratios[name], '.3f')}; "
+            f"measurements' share of the fit {spread(shares[name], '.1%')}"
+        )
 
 
 if __name__ == "__main__":

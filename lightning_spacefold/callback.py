@@ -143,6 +143,9 @@ class SpaceFoldingCallback(Callback):
         batch_size: Points per forward pass during a measurement; chosen from the model by default.
         log_histogram: Log a histogram of the per-path chi (TensorBoard).
         log_figures: Log the figures (TensorBoard). They are built on rank 0 only.
+        figures_every_n_measurements: During a fit, draw the figures at every this many measurements (counting from
+            the first) and at the last one (at the fit's last step); an evaluation always draws them. Rendering the
+            three figures takes about 0.4 s on a CPU.
         num_example_paths: Number of paths in the ``example_paths`` figure: the most folded ones of the measurement
             (of process 0's share under DDP), sampled at ``steps`` points.
         seed: Seed of the probe set and the pairs; the training run's RNG is not touched.
@@ -187,6 +190,7 @@ class SpaceFoldingCallback(Callback):
         batch_size: int | None = None,
         log_histogram: bool = True,
         log_figures: bool = True,
+        figures_every_n_measurements: int = 5,
         num_example_paths: int = 4,
         seed: int = 0,
         embedding_fn: str | None = None,
@@ -215,6 +219,7 @@ class SpaceFoldingCallback(Callback):
             ("steps", steps, 1),
             ("centroids_per_class", centroids_per_class, 1),
             ("probe_size", probe_size, 2),
+            ("figures_every_n_measurements", figures_every_n_measurements, 1),
             ("num_example_paths", num_example_paths, 1),
             ("reg_every_n_steps", reg_every_n_steps, 1),
             ("reg_num_pairs", reg_num_pairs, 1),
@@ -271,6 +276,7 @@ class SpaceFoldingCallback(Callback):
         self.batch_size = batch_size
         self.log_histogram = log_histogram
         self.log_figures = log_figures
+        self.figures_every_n_measurements = figures_every_n_measurements
         self.num_example_paths = num_example_paths
         self.seed = seed
         self.embedding_fn = embedding_fn
@@ -294,6 +300,7 @@ class SpaceFoldingCallback(Callback):
         self._metric: SpaceFolding | None = None
         self._batch_size = 0  # points per forward pass, set when a fit or an evaluation starts
         self._checkpoint_step: int | None = None
+        self._fit_measurements = 0  # measurements of this fit so far: when the figures are due
         self._failures = FailureReporter()
         self._loss_term: TrainingLossTerm | None = None
 
@@ -327,7 +334,7 @@ class SpaceFoldingCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Forget the pairs of a previous fit and the step of a previous checkpoint (a restored one brings its own)."""
         if stage == "fit":
-            self._drawn, self.latest_step = None, None
+            self._drawn, self.latest_step, self._fit_measurements = None, None, 0
         self._checkpoint_step = None
 
     def on_load_checkpoint(
@@ -413,7 +420,10 @@ class SpaceFoldingCallback(Callback):
 
     def _measure_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._drawn is not None
-        self._measure(trainer, pl_module, self._drawn, trainer.global_step)
+        last = trainer.global_step >= trainer.estimated_stepping_batches
+        figures = self._fit_measurements % self.figures_every_n_measurements == 0 or last
+        self._fit_measurements += 1
+        self._measure(trainer, pl_module, self._drawn, trainer.global_step, figures)
 
     def _measure_evaluation(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: Literal["val", "test"]
@@ -423,7 +433,7 @@ class SpaceFoldingCallback(Callback):
             drawn = self._draw(trainer, pl_module, source)
             self._start(trainer, pl_module, self._pairs_of(trainer, pl_module, drawn))
             step = trainer.global_step if self._checkpoint_step is None else self._checkpoint_step
-            self._measure(trainer, pl_module, drawn, step)
+            self._measure(trainer, pl_module, drawn, step, figures=True)
 
     # --- the pairs and the checks before measuring -------------------------------------------------------------
 
@@ -580,10 +590,15 @@ class SpaceFoldingCallback(Callback):
     # --- measuring and logging ---------------------------------------------------------------------------------
 
     def _measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, drawn: PairBatch | ProbeSet, step: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        drawn: PairBatch | ProbeSet,
+        step: int,
+        figures: bool,
     ) -> None:
         """Measure the pairs and log the values; a failure is reported and skipped, or raised (``on_error``)."""
-        draw_figures = self.log_figures and has_tensorboard(trainer.loggers)
+        draw_figures = figures and self.log_figures and has_tensorboard(trainer.loggers)
         error: Exception | None = None
         result, example_patterns = None, None
         batch_size = self._batch_size

@@ -133,6 +133,19 @@ def test_logs_scalars_histogram_and_figures_at_scheduled_steps(tmp_path: Path) -
     assert callback.latest_result is not None and len(callback.latest_result) == 12
 
 
+def test_figures_every_few_measurements_and_at_the_last_step(tmp_path: Path) -> None:
+    callback = SpaceFoldingCallback(
+        every_n_train_steps=2, num_pairs=6, steps=8, probe_size=20, figures_every_n_measurements=5
+    )
+    trainer(tmp_path, callback, max_steps=12).fit(Classifier(), datamodule=Blobs())
+    log = events(tmp_path / "tb" / "version_0")
+    assert [event.step for event in log.Scalars("spacefold/folding")] == [0, 2, 4, 6, 8, 10, 12]
+    for tag in ("spacefold/example_paths", "spacefold/layers", "spacefold/class_pairs"):
+        assert [event.step for event in log.Images(tag)] == [0, 10, 12], tag
+    with pytest.raises(ValueError, match="figures_every_n_measurements"):
+        SpaceFoldingCallback(figures_every_n_measurements=0)
+
+
 def test_logged_values_equal_a_direct_measurement(tmp_path: Path) -> None:
     torch.manual_seed(0)
     callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=9, steps=16, probe_size=30, pairing="random")
