@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -35,14 +34,23 @@ def cnn() -> nn.Module:
     )
 
 
-def best_times(functions: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Best wall-clock time of each function, run in turns so that a busy machine slows all of them alike."""
-    for function in functions:
-        function()  # warm-up
-    best = [math.inf] * len(functions)
+def repeat_times(functions: list[Callable[[], object]], repeats: int, warm_up: bool = True) -> list[list[float]]:
+    """Wall-clock times of each function in every repeat, ``[repeat][function]``, run in turns so that a busy machine
+    slows all of them alike; ratios taken within one repeat compare like with like."""
+    if warm_up:
+        for function in functions:
+            function()
+    times = []
     for _ in range(repeats):
-        for index, function in enumerate(functions):
+        row = []
+        for function in functions:
             begin = time.perf_counter()
             function()
-            best[index] = min(best[index], time.perf_counter() - begin)
-    return best
+            row.append(time.perf_counter() - begin)
+        times.append(row)
+    return times
+
+
+def best_times(functions: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Best wall-clock time of each function, run in turns so that a busy machine slows all of them alike."""
+    return [min(column) for column in zip(*repeat_times(functions, repeats), strict=True)]

@@ -1,11 +1,14 @@
 """A short CUDA check of what CI cannot run (no GPU there): results on the GPU equal those on the CPU.
 
-Run on a machine with a GPU: python benchmarks/cuda_check.py. Exits non-zero on the first mismatch.
+Run on a machine with a GPU: python benchmarks/cuda_check.py. Exits non-zero on the first mismatch. After the checks
+it measures the zoo's fold/forward ratio on the GPU (``bench_zoo.run``; networks whose package is missing are
+skipped: ``pip install -e ".[zoo]"`` for all) and prints its table.
 """
 
 from __future__ import annotations
 
 import torch
+from bench_zoo import run as run_zoo
 from torch import nn
 
 from lightning_spacefold import path_folding
@@ -63,6 +66,9 @@ def main() -> None:
         "kmeans with a CUDA generator",
         kmeans(points.cuda(), 3, generator=torch.Generator("cuda").manual_seed(0))[0].is_cuda,
     )
+
+    print()
+    run_zoo(device="cuda", paths=64, exact=False)  # all networks, 64 paths x 33 points, 5 repeats
 
 
 if __name__ == "__main__":
