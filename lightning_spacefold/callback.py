@@ -144,7 +144,8 @@ class SpaceFoldingCallback(Callback):
         log_histogram: Log a histogram of the per-path chi (TensorBoard).
         log_figures: Log the figures (TensorBoard). They are built on rank 0 only.
         figures_every_n_measurements: During a fit, draw the figures at every this many measurements (counting from
-            the first) and at the last one (at the fit's last step); an evaluation always draws them. Rendering the
+            the first) and at the last one (the fit's last step, or the last that ``every_n_train_steps`` reaches);
+            an evaluation always draws them. Rendering the
             three figures takes about 0.4 s on a CPU.
         num_example_paths: Number of paths in the ``example_paths`` figure: the most folded ones of the measurement
             (of process 0's share under DDP), sampled at ``steps`` points.
@@ -420,7 +421,9 @@ class SpaceFoldingCallback(Callback):
 
     def _measure_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._drawn is not None
-        last = trainer.global_step >= trainer.estimated_stepping_batches
+        total, step = trainer.estimated_stepping_batches, trainer.global_step
+        # The fit's last measurement: at its last step, or the last one that the step schedule reaches.
+        last = step >= total or bool(self.every_n_train_steps and step + self.every_n_train_steps > total)
         figures = self._fit_measurements % self.figures_every_n_measurements == 0 or last
         self._fit_measurements += 1
         self._measure(trainer, pl_module, self._drawn, trainer.global_step, figures)

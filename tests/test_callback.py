@@ -142,6 +142,13 @@ def test_figures_every_few_measurements_and_at_the_last_step(tmp_path: Path) -> 
     assert [event.step for event in log.Scalars("spacefold/folding")] == [0, 2, 4, 6, 8, 10, 12]
     for tag in ("spacefold/example_paths", "spacefold/layers", "spacefold/class_pairs"):
         assert [event.step for event in log.Images(tag)] == [0, 10, 12], tag
+    # A fit whose last step is not on the schedule: the last measurement (step 10 of 11) still draws them.
+    callback = SpaceFoldingCallback(
+        every_n_train_steps=2, num_pairs=6, steps=8, probe_size=20, figures_every_n_measurements=3
+    )
+    trainer(tmp_path / "odd", callback, max_steps=11).fit(Classifier(), datamodule=Blobs())
+    log = events(tmp_path / "odd" / "tb" / "version_0")
+    assert [event.step for event in log.Images("spacefold/layers")] == [0, 6, 10]
     with pytest.raises(ValueError, match="figures_every_n_measurements"):
         SpaceFoldingCallback(figures_every_n_measurements=0)
 
