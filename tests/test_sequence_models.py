@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,7 +23,7 @@ from lightning_spacefold import (
     register_swiglu,
     soft_folding,
 )
-from tests.test_callback import trainer
+from tests.test_callback import read_csv_metrics, trainer
 from tests.test_finite import tent
 
 
@@ -287,3 +288,34 @@ def test_llama_swiglu_units_are_the_products_signs() -> None:
     bits = torch.cat([value.flatten(1) for value in same_sign], dim=1)
     patterns = path_patterns(model, starts, ends, steps=8, forward=forward)
     assert torch.equal(patterns[0], bits) and bits.any() and not bits.all()
+
+
+@pytest.mark.timeout(180)
+def test_ddp_between_embeddings_logs_the_same_values_as_one(tmp_path: Path) -> None:
+    logged = []
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        callback = SpaceFoldingCallback(
+            every_n_train_steps=2,
+            num_pairs=6,
+            steps=16,
+            pairing="class",
+            include_same_class=False,
+            probe_dataset=TensorDataset(TOKENS, torch.tensor([0, 1, 2])),
+            embedding_fn="embed",
+            forward_fn="head",
+            log_figures=False,
+        )
+        directory = tmp_path / f"devices{devices}"
+        trainer(
+            directory,
+            callback,
+            max_steps=2,
+            devices=devices,
+            strategy=strategy,
+            logger=CSVLogger(directory),
+            limit_val_batches=0,
+        ).fit(TokenTent(), train_dataloaders=token_data())
+        logged.append(read_csv_metrics(directory))
+    # All 6 ordered class pairs of the three tokens: chi 1/4 and 1/2 for 0 <-> 1, 0 for the other four.
+    assert logged[0][2]["spacefold/folding"] == pytest.approx(0.125)
+    assert logged[1] == logged[0]
