@@ -461,6 +461,10 @@ def _check_consistency(left: _Points, right: _Points, names: list[str], toleranc
         )
 
 
+_NAMED_LAYERS = 5
+"""How many smooth layers the error of a network that is not piecewise linear names."""
+
+
 def _require_piecewise_linear(
     model: nn.Module, run: Callable[[Tensor], Any], sample: Tensor, layers: list[LayerInfo], last: int
 ) -> None:
@@ -472,9 +476,13 @@ def _require_piecewise_linear(
         if rule.kinks is None
     ]
     if smooth:
+        # A network of many smooth layers (EfficientNet: 65) would make an unreadable message: the first few.
+        named = ", ".join(smooth[:_NAMED_LAYERS]) + (
+            f" and {len(smooth) - _NAMED_LAYERS} more" if len(smooth) > _NAMED_LAYERS else ""
+        )
         raise ValueError(
             f"Exact folding needs a piecewise-linear network up to the last measured layer, but layer(s) "
-            f"{', '.join(smooth)} are smooth (no kinks), which bends every later pre-activation. Use path_folding "
+            f"{named} are smooth (no kinks), which bends every later pre-activation. Use path_folding "
             "with a step count, or measure only layers before them."
         )
 

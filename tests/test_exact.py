@@ -343,6 +343,14 @@ def test_smooth_activation_raises_naming_the_layer(smooth: type[nn.Module]) -> N
     assert model.training  # flags restored after the error
 
 
+def test_many_smooth_layers_are_named_briefly() -> None:
+    model = nn.Sequential(*(layer for _ in range(8) for layer in (nn.Linear(2, 2), nn.GELU())))
+    with pytest.raises(
+        ValueError, match=r"'1' \(GELU\), '3' \(GELU\), '5' \(GELU\), '7' \(GELU\), '9' \(GELU\) and 3 more are"
+    ):
+        path_folding(model, torch.randn(1, 2), torch.randn(1, 2), exact=True)
+
+
 def test_smooth_activation_after_the_measured_layers_is_allowed() -> None:
     model = nn.Sequential(OrderedDict(fc1=nn.Linear(2, 6), relu=nn.ReLU(), fc2=nn.Linear(6, 4), act=nn.Tanh()))
     starts, ends = random_pairs((2,), 3.0, seed=14)
