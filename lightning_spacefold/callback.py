@@ -49,7 +49,13 @@ from lightning_spacefold.probe import (
 )
 from lightning_spacefold.regularization import SCHEDULES, folding_penalty, regularization_weight
 from lightning_spacefold.result import FoldingResult
-from lightning_spacefold.safeguard import FailureReporter, agree_on_failures, is_out_of_memory, with_memory_backoff
+from lightning_spacefold.safeguard import (
+    FailureReporter,
+    agree_on_failures,
+    halved,
+    is_out_of_memory,
+    with_memory_backoff,
+)
 from lightning_spacefold.sampling import PairBatch, random_pairs
 from lightning_spacefold.views import PREFIX, add_custom_scalars, build_figures, has_tensorboard, log_views
 
@@ -614,7 +620,7 @@ class SpaceFoldingCallback(Callback):
             if is_out_of_memory(caught) and isinstance(trainer.strategy, _SHARDED):
                 # Sharded processes cannot retry alone (the others' forward passes wait for theirs): all of them
                 # measure with fewer points from the next measurement on.
-                self._batch_size = max(self._smallest_batch_size(), self._batch_size // 2)
+                self._batch_size = halved(self._batch_size, self._smallest_batch_size())
         failed_ranks, self._batch_size = agree_on_failures(trainer, error is not None, self._batch_size)
         if self._batch_size < batch_size:
             rank_zero_warn(

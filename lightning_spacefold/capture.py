@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -197,15 +197,21 @@ def _unique_names(base_names: list[str]) -> list[str]:
     return names
 
 
+class _Frame(NamedTuple):
+    """A module being run, on the capture's stack."""
+
+    name: str
+    wrapper: str | None  # the class name of an activation-like module: its functional calls take its name
+    gated_mlp: bool  # a declared gated MLP: its own activation calls are part of its units
+
+
 class _Capture:
     """State of one capture: the module stack and what each activation call produced."""
 
     def __init__(self, transform: Callable[[int, Tensor, ActivationRule], Any], select: frozenset[int] | None) -> None:
         self.transform = transform
         self.select = select
-        self.module_stack: list[str] = []
-        # Per module on the stack: the class name when it is activation-like (its functional calls take its name).
-        self.wrapper_stack: list[str | None] = []
+        self.module_stack: list[_Frame] = []
         self.activation_depth = 0
         self.gated_depth = 0  # inside a declared gated MLP, whose own activation calls are not layers
         self.transforming = False
@@ -245,8 +251,7 @@ class _FunctionalActivations(TorchFunctionMode):
         counted = capture.activation_depth == 0 and capture.gated_depth == 0 and not capture.transforming
         if func in _FUNCTION_LOOKUP and counted:
             name, rule = _FUNCTION_LOOKUP[func]
-            owner = capture.module_stack[-1] if capture.module_stack else ""
-            wrapper = capture.wrapper_stack[-1] if capture.wrapper_stack else None
+            owner, wrapper, _ = capture.module_stack[-1] if capture.module_stack else ("", None, False)
             if wrapper is not None:
                 layer, activation = owner, f"F.{name} in {wrapper}"
             else:
@@ -289,7 +294,7 @@ def capture_activations(
                 continue
             name = _without_wrappers(qualified_name)
             handles.append(module.register_forward_pre_hook(_enter_hook(capture, name, module, rule)))
-            handles.append(module.register_forward_hook(_exit_hook(capture, module, rule), always_call=True))
+            handles.append(module.register_forward_hook(_exit_hook(capture, rule), always_call=True))
         with _FunctionalActivations(capture) if functional else nullcontext():
             yield capture
     finally:
@@ -310,39 +315,34 @@ def has_functional_layers(layers: list[LayerInfo]) -> bool:
 def _enter_hook(
     capture: _Capture, name: str, module: nn.Module, rule: Callable[[nn.Module], ActivationRule] | None
 ) -> Callable[..., None]:
-    wrapper = type(module).__name__ if rule is None and _is_activation_like(module) else None
-    gated = hasattr(module, _GATED_MLP)
+    frame = _Frame(
+        name,
+        type(module).__name__ if rule is None and _is_activation_like(module) else None,
+        hasattr(module, _GATED_MLP),
+    )
+    gated_product = hasattr(module, _GATED_PRODUCT)
+    activation = "SwiGLU" if gated_product else type(module).__name__
 
     def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        capture.module_stack.append(name)
-        capture.wrapper_stack.append(wrapper)
+        capture.module_stack.append(frame)
         if rule is not None:
             # A declared gated product is read inside its MLP; any other activation there is part of the unit.
             outermost = capture.activation_depth == 0 and not capture.transforming
-            outermost = outermost and (capture.gated_depth == 0 or hasattr(module, _GATED_PRODUCT))
+            outermost = outermost and (capture.gated_depth == 0 or gated_product)
             # Counted before recording: the exit hook always runs, also when the transform raises.
             capture.activation_depth += 1
             if outermost:
-                activation = "SwiGLU" if hasattr(module, _GATED_PRODUCT) else type(module).__name__
                 capture.record(name or type(module).__name__, activation, rule(module), args[0])
-        if gated:
-            capture.gated_depth += 1
+        capture.gated_depth += frame.gated_mlp
 
     return hook
 
 
-def _exit_hook(
-    capture: _Capture, module: nn.Module, rule: Callable[[nn.Module], ActivationRule] | None
-) -> Callable[..., None]:
-    gated = hasattr(module, _GATED_MLP)
-
+def _exit_hook(capture: _Capture, rule: Callable[[nn.Module], ActivationRule] | None) -> Callable[..., None]:
     def hook(_module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
-        capture.module_stack.pop()
-        capture.wrapper_stack.pop()
+        capture.gated_depth -= capture.module_stack.pop().gated_mlp
         if rule is not None:
             capture.activation_depth -= 1
-        if gated:
-            capture.gated_depth -= 1
 
     return hook
 

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-__all__ = ["FailureReporter", "agree_on_failures", "is_out_of_memory", "with_memory_backoff"]
+__all__ = ["FailureReporter", "agree_on_failures", "halved", "is_out_of_memory", "with_memory_backoff"]
 
 T = TypeVar("T")
 
@@ -56,7 +56,12 @@ def with_memory_backoff(measure: Callable[[int], T], batch_size: int, smallest: 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        batch_size = max(smallest, batch_size // 2)
+        batch_size = halved(batch_size, smallest)
+
+
+def halved(batch_size: int, smallest: int) -> int:
+    """The next points per forward pass to try after an out-of-memory error: half, but not below ``smallest``."""
+    return max(smallest, batch_size // 2)
 
 
 def agree_on_failures(trainer: pl.Trainer, failed: bool, batch_size: int) -> tuple[Tensor, int]:

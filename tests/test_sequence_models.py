@@ -62,6 +62,17 @@ class TokenTent(pl.LightningModule):
 TOKENS = torch.tensor([[0], [1], [2]])
 
 
+def between_embeddings(**kwargs) -> SpaceFoldingCallback:
+    """A callback measuring TokenTent between the embeddings of the three tokens (labelled by themselves)."""
+    arguments = {
+        "steps": 16,
+        "probe_dataset": TensorDataset(TOKENS, torch.tensor([0, 1, 2])),
+        "embedding_fn": "embed",
+        "forward_fn": "head",
+    }
+    return SpaceFoldingCallback(**{**arguments, **kwargs})
+
+
 def token_data() -> DataLoader:
     return DataLoader(TensorDataset(TOKENS.repeat(4, 1), torch.tensor([0, 1, 2] * 4)), batch_size=6)
 
@@ -86,16 +97,7 @@ def test_path_folding_between_embeddings_by_hand() -> None:
 
 
 def test_the_callback_measures_between_embeddings(tmp_path: Path) -> None:
-    callback = SpaceFoldingCallback(
-        every_n_train_steps=2,
-        num_pairs=3,
-        steps=16,
-        pairing="class",
-        include_same_class=False,
-        probe_dataset=TensorDataset(TOKENS, torch.tensor([0, 1, 2])),
-        embedding_fn="embed",
-        forward_fn="head",
-    )
+    callback = between_embeddings(every_n_train_steps=2, num_pairs=3, pairing="class", include_same_class=False)
     model = TokenTent()
     trainer(tmp_path, callback, max_steps=2, limit_val_batches=0).fit(model, train_dataloaders=token_data())
     assert callback.latest_step == 2
@@ -121,14 +123,11 @@ class Shift(TokenTent):
 
 def test_the_callback_embeds_with_the_current_model(tmp_path: Path) -> None:
     # Embeddings 0 and -1: the tent is flat below 0, so once negated no path folds.
-    callback = SpaceFoldingCallback(
+    callback = between_embeddings(
         every_n_train_steps=1,
         num_pairs=2,
-        steps=16,
         pairing="random",
         probe_dataset=TensorDataset(TOKENS[:2], torch.tensor([0, 1])),
-        embedding_fn="embed",
-        forward_fn="head",
         log_figures=False,
     )
     trainer(tmp_path, callback, max_steps=1, limit_val_batches=0, logger=False).fit(
@@ -138,14 +137,11 @@ def test_the_callback_embeds_with_the_current_model(tmp_path: Path) -> None:
 
 
 def test_the_regulariser_runs_between_embeddings(tmp_path: Path) -> None:
-    callback = SpaceFoldingCallback(
+    callback = between_embeddings(
         every_n_train_steps=0,
         num_pairs=3,
         steps=8,
         pairing="random",
-        probe_dataset=TensorDataset(TOKENS, torch.tensor([0, 1, 2])),
-        embedding_fn="embed",
-        forward_fn="head",
         regularize=True,
         reg_num_pairs=4,
         reg_steps=16,
@@ -294,16 +290,8 @@ def test_llama_swiglu_units_are_the_products_signs() -> None:
 def test_ddp_between_embeddings_logs_the_same_values_as_one(tmp_path: Path) -> None:
     logged = []
     for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
-        callback = SpaceFoldingCallback(
-            every_n_train_steps=2,
-            num_pairs=6,
-            steps=16,
-            pairing="class",
-            include_same_class=False,
-            probe_dataset=TensorDataset(TOKENS, torch.tensor([0, 1, 2])),
-            embedding_fn="embed",
-            forward_fn="head",
-            log_figures=False,
+        callback = between_embeddings(
+            every_n_train_steps=2, num_pairs=6, pairing="class", include_same_class=False, log_figures=False
         )
         directory = tmp_path / f"devices{devices}"
         trainer(
