@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "ActivationRule",
     "LayerInfo",
+    "LayersChangedError",
     "capture_activations",
     "check_forward",
     "find_layers",
@@ -205,12 +206,22 @@ class _Frame(NamedTuple):
     gated_mlp: bool  # a declared gated MLP: its own activation calls are part of its units
 
 
+class LayersChangedError(ValueError):
+    """A forward pass ran other activation layers than the ones the measurement expected."""
+
+
 class _Capture:
     """State of one capture: the module stack and what each activation call produced."""
 
-    def __init__(self, transform: Callable[[int, Tensor, ActivationRule], Any], select: frozenset[int] | None) -> None:
+    def __init__(
+        self,
+        transform: Callable[[int, Tensor, ActivationRule], Any],
+        select: frozenset[int] | None,
+        expected: Sequence[LayerInfo] | None,
+    ) -> None:
         self.transform = transform
         self.select = select
+        self.expected = expected
         self.module_stack: list[_Frame] = []
         self.activation_depth = 0
         self.gated_depth = 0  # inside a declared gated MLP, whose own activation calls are not layers
@@ -223,6 +234,9 @@ class _Capture:
         index = len(self.base_names)
         self.base_names.append(base_name)
         self.activations.append(activation)
+        # Checked before the transform, which relies on the expected layers' positions.
+        if self.expected is not None and (index >= len(self.expected) or self.expected[index].activation != activation):
+            self.raise_changed()
         if self.select is not None and index not in self.select:
             return
         self.transforming = True  # the transform's own tensor ops are not activation layers
@@ -238,6 +252,20 @@ class _Capture:
     def reset(self) -> None:
         """Forget the last forward pass."""
         self.base_names, self.activations, self.values = [], [], []
+
+    def check_pass(self) -> None:
+        """After a forward pass: raise :class:`LayersChangedError` unless it ran exactly the expected layers."""
+        expected = self.expected
+        if expected is not None and self.names != [layer.name for layer in expected]:
+            self.raise_changed()
+
+    def raise_changed(self) -> None:
+        assert self.expected is not None
+        raise LayersChangedError(
+            f"The model ran {len(self.expected)} activation layers on one batch and other ones on another (now "
+            f"{', '.join(self.names[:5])}{', ...' if len(self.names) > 5 else ''}); folding needs the same layers for "
+            "every input (no data-dependent control flow)."
+        )
 
 
 class _FunctionalActivations(TorchFunctionMode):
@@ -266,6 +294,7 @@ def capture_activations(
     transform: Callable[[int, Tensor, ActivationRule], Any],
     select: frozenset[int] | None = None,
     functional: bool = True,
+    expected: Sequence[LayerInfo] | None = None,
 ) -> Iterator[_Capture]:
     """Capture the pre-activation of every activation layer in the forward passes run inside the block.
 
@@ -281,11 +310,14 @@ def capture_activations(
         functional: Also capture activations called functionally. That takes a ``TorchFunctionMode`` and a hook
             on every module (to name the calls); pass ``False`` when :func:`find_layers` found none, to save the
             overhead.
+        expected: The layers every forward pass must run (:func:`find_layers`); a call of another kind, or one
+            more call, raises :class:`LayersChangedError` before its transform, and ``check_pass()`` compares the
+            names after a pass.
 
     Yields:
         The capture state.
     """
-    capture = _Capture(transform, select)
+    capture = _Capture(transform, select, expected)
     handles = []
     try:
         for qualified_name, module in model.named_modules():

@@ -354,7 +354,6 @@ def _evaluate(
     t: Tensor,
     batch_size: int,
     dtype: torch.dtype,
-    num_layers: int,
 ) -> _Points:
     """Evaluate the points ``(path, t)`` in forward passes of at most ``batch_size`` points."""
     starts, ends = segments
@@ -372,11 +371,7 @@ def _evaluate(
             # Non-finite values would also fail the consistency check, with a misleading message: report them first.
             probe.finite.end_pass(fwAD.unpack_dual(output).primal if isinstance(output, Tensor) else output)
             probe.finite.check()
-        if len(capture.base_names) != num_layers:
-            raise ValueError(
-                f"The model ran {num_layers} activation layers on one batch and {len(capture.base_names)} on "
-                "another; folding needs the same layers for every input (no data-dependent control flow)."
-            )
+        capture.check_pass()
         parts.append(
             _Points(
                 path=chunk_path,
@@ -563,12 +558,14 @@ def exact_folding(
         probe = _Probe(layers, selected, last, device, starts.dtype)
         measured = frozenset(range(last + 1))  # later layers cannot change the result
         with (
-            capture_activations(model, probe.add_layer, measured, has_functional_layers(layers)) as capture,
+            capture_activations(
+                model, probe.add_layer, measured, has_functional_layers(layers), expected=layers
+            ) as capture,
             _MaxPoolWatch(probe),
         ):
 
             def evaluate(path: Tensor, t: Tensor) -> _Points:
-                return _evaluate(run, capture, probe, segments, path, t, batch_size, starts.dtype, len(layers))
+                return _evaluate(run, capture, probe, segments, path, t, batch_size, starts.dtype)
 
             points = evaluate(*_initial_points(len(starts), batch_size, device))
             tally = _Tally(points.pattern[points.t == 0], layout, batch_size)

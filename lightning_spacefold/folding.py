@@ -1,14 +1,15 @@
 """Folding of a network along straight segments: :func:`path_folding`.
 
 Every point of every path goes through the model in large batches. Memory does not grow with the number of
-steps: each path is streamed in chunks of consecutive points, and per path and layer only the packed start
-pattern, the packed previous pattern and the running range and length are kept.
+steps: each path is streamed in chunks of consecutive points, and per path only the packed start and previous
+patterns and each layer's running range and length are kept.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from lightning_spacefold.capture import (
     ActivationRule,
     LayerInfo,
+    LayersChangedError,
     capture_activations,
     check_batch_first,
     check_forward,
@@ -27,7 +29,7 @@ from lightning_spacefold.capture import (
 from lightning_spacefold.checks import is_int
 from lightning_spacefold.exact import exact_folding
 from lightning_spacefold.finite import FiniteCheck
-from lightning_spacefold.measure import folding_from_ranges, pack_bits, step_distances, unpack_bits
+from lightning_spacefold.measure import folding_from_ranges, pack_words, segment_popcounts
 from lightning_spacefold.result import FoldingResult
 
 __all__ = [
@@ -48,13 +50,36 @@ Forward = Callable[[Tensor], Any]
 """A function that maps a batch of path points to the network's outputs, with the model's layers inside."""
 
 
-def discover_layers(model: nn.Module, starts: Tensor, ends: Tensor, forward: Forward | None = None) -> list[LayerInfo]:
+def discover_layers(
+    model: nn.Module, starts: Tensor, ends: Tensor, forward: Forward | None = None, *, reuse: bool = False
+) -> list[LayerInfo]:
     """The model's activation layers, found on the first path's two ends.
 
     Two inputs rather than one: layers that normalise with the statistics of the batch (BatchNorm without running
     statistics) fail on a batch of one.
+
+    Args:
+        model: The network.
+        starts: Path starts ``[P, *input_shape]``.
+        ends: Path ends, same shape.
+        forward: As in :func:`path_folding`.
+        reuse: Return the layers found last time for this model and inputs of this shape, dtype and device without
+            running it (a forward pass on two points costs up to a quarter of a measurement). The caller must then
+            run its passes with ``capture_activations(..., expected=layers)`` and, on
+            :class:`~lightning_spacefold.capture.LayersChangedError`, discover again without ``reuse``.
     """
-    return find_layers(model, torch.cat([starts[:1], ends[:1]]), forward)
+    key = (starts.shape[1:], starts.dtype, starts.device)
+    if reuse:
+        known = _KNOWN_LAYERS.get(model)
+        if known is not None and known[0] == key:
+            return known[1]
+    found = find_layers(model, torch.cat([starts[:1], ends[:1]]), forward)
+    _KNOWN_LAYERS[model] = (key, found)
+    return found
+
+
+_KNOWN_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, list[LayerInfo]]] = weakref.WeakKeyDictionary()
+"""The layers :func:`discover_layers` found last, per model (weakly: forgotten with the model)."""
 
 
 def segment_points(starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
@@ -77,9 +102,10 @@ def segment_points(starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
 class _Walk:
     """Running range and length of a group of paths, per layer, fed one chunk of consecutive points at a time.
 
-    Bits are reduced to distances inside the activation hook, so no layer's bits outlive its call; between chunks
-    only the packed start and previous patterns of each path and layer are kept. The sums of each layer's
-    pre-activations and of the output are kept for one finiteness check at the end (:mod:`~lightning_spacefold.finite`).
+    Each layer's bits are packed into 64-bit words inside its activation hook, so no layer's bits outlive its call;
+    the distances of all layers are counted together when the chunk ends. Between chunks only the packed start
+    and previous patterns of each path are kept. The sums of each layer's pre-activations and of the output are
+    kept for one finiteness check at the end (:mod:`~lightning_spacefold.finite`).
     """
 
     def __init__(self, names: list[str], num_paths: int, device: torch.device, finite: FiniteCheck) -> None:
@@ -89,34 +115,34 @@ class _Walk:
         self.layer_r1 = torch.zeros(num_paths, len(names), dtype=torch.int64, device=device)
         self.layer_r2 = torch.zeros_like(self.layer_r1)
         self.r1 = torch.zeros(num_paths, dtype=torch.int64, device=device)
-        self.start: list[Tensor | None] = [None] * len(names)
-        self.previous: list[Tensor | None] = [None] * len(names)
-        self.from_start: Tensor | int = 0
+        self.words: list[Tensor] = []  # this chunk's packed patterns, one [G * K, words] tensor per layer
+        self.start: Tensor | None = None  # [G, words of all layers]
+        self.previous: Tensor | None = None
         self.finite = finite
 
     def add_layer(self, position: int, pre_activation: Tensor, rule: ActivationRule) -> None:
         check_batch_first(self.names[position], pre_activation, self.num_paths * self.chunk_points)
         self.finite.add(pre_activation)
-        bits = rule.bits(pre_activation).reshape(self.num_paths, self.chunk_points, -1)
-        num_units = bits.shape[-1]
-        stored_start, stored_previous = self.start[position], self.previous[position]
-        start = bits[:, 0] if stored_start is None else unpack_bits(stored_start, num_units)
-        previous = None if stored_previous is None else unpack_bits(stored_previous, num_units)
-        from_start, from_previous = step_distances(bits, start, previous)
-        if stored_start is None:
-            self.start[position] = pack_bits(start)
-        self.previous[position] = pack_bits(bits[:, -1])
-        self.layer_r1[:, position] = torch.maximum(self.layer_r1[:, position], from_start.amax(-1))
-        self.layer_r2[:, position] += from_previous.sum(-1)
-        self.from_start = self.from_start + from_start
+        self.words.append(pack_words(rule.bits(pre_activation).reshape(self.num_paths * self.chunk_points, -1)))
 
     def end_chunk(self, output: Any) -> Tensor:
-        """Close the chunk: update the whole-network range; return its distances from the start ``[G, K]``."""
+        """Close the chunk: update the ranges and lengths; return its distances from the start ``[G, K]``."""
         self.finite.end_pass(output)
-        from_start, self.from_start = self.from_start, 0
-        assert isinstance(from_start, Tensor), "every chunk passes through at least one activation layer"
-        self.r1 = torch.maximum(self.r1, from_start.amax(-1))
-        return from_start
+        widths = [layer_words.shape[1] for layer_words in self.words]
+        words = torch.cat(self.words, dim=1).view(self.num_paths, self.chunk_points, -1)
+        self.words = []
+        if self.start is None:
+            self.start = words[:, 0].clone()  # not a view that keeps the chunk alive
+        previous = self.start if self.previous is None else self.previous  # the first point adds 0 to the length
+        before = torch.cat([previous.unsqueeze(1), words[:, :-1]], dim=1)
+        from_start = segment_popcounts(words ^ self.start.unsqueeze(1), widths)  # [G, K, layers]
+        from_previous = segment_popcounts(words ^ before, widths)
+        self.previous = words[:, -1].clone()
+        self.layer_r1 = torch.maximum(self.layer_r1, from_start.amax(1))
+        self.layer_r2 += from_previous.sum(1)
+        whole = from_start.sum(-1)
+        self.r1 = torch.maximum(self.r1, whole.amax(-1))
+        return whole
 
 
 def default_batch_size(layers: list[LayerInfo], inputs: Tensor) -> int:
@@ -216,17 +242,39 @@ def path_folding(
         (tensor([0.3333]), tensor([4]))
     """
     check_path_arguments(model, starts, ends, steps, batch_size, forward)
-    found = discover_layers(model, starts, ends, forward)
-    selected = select_layers(model, [layer.name for layer in found], layers)
-    names = [found[index].name for index in selected]
-    batch_size = default_batch_size(found, starts) if batch_size is None else batch_size
     if exact:
         if return_distances:
             raise ValueError("`return_distances` needs sampled points; it cannot be combined with `exact=True`.")
+        found = discover_layers(model, starts, ends, forward)
+        selected = select_layers(model, [layer.name for layer in found], layers)
         # Crossing times need the model's own precision: bfloat16 breaks the affine models of the traversal.
         with torch.autocast(starts.device.type, enabled=False):
-            return exact_folding(model, starts, ends, found, selected, batch_size, forward)
+            return exact_folding(
+                model, starts, ends, found, selected, batch_size or default_batch_size(found, starts), forward
+            )
+    try:
+        return _sampled_folding(model, starts, ends, steps, layers, batch_size, return_distances, forward, reuse=True)
+    except LayersChangedError:
+        # The layers found before describe the model no more (a module was replaced): find them again; a second
+        # mismatch is data-dependent control flow and raises.
+        return _sampled_folding(model, starts, ends, steps, layers, batch_size, return_distances, forward, reuse=False)
 
+
+def _sampled_folding(
+    model: nn.Module,
+    starts: Tensor,
+    ends: Tensor,
+    steps: int,
+    layers: Sequence[str] | None,
+    batch_size: int | None,
+    return_distances: bool,
+    forward: Forward | None,
+    reuse: bool,
+) -> FoldingResult:
+    found = discover_layers(model, starts, ends, forward, reuse=reuse)
+    selected = select_layers(model, [layer.name for layer in found], layers)
+    names = [found[index].name for index in selected]
+    batch_size = default_batch_size(found, starts) if batch_size is None else batch_size
     num_paths, num_points = len(starts), steps + 1
     group_size = _balanced(num_paths, max(1, batch_size // min(num_points, batch_size)))
     chunk_size = _balanced(num_points, max(1, batch_size // group_size))
@@ -239,19 +287,14 @@ def path_folding(
             group = slice(first, first + group_size)
             walk = _Walk(names, len(starts[group]), starts.device, finite)
             with capture_activations(
-                model, walk.add_layer, frozenset(selected), has_functional_layers(found)
+                model, walk.add_layer, frozenset(selected), has_functional_layers(found), expected=found
             ) as capture:
                 for begin in range(0, num_points, chunk_size):
                     chunk_t = t[begin : begin + chunk_size]
                     walk.chunk_points = len(chunk_t)
                     capture.reset()
                     output = run(segment_points(starts[group], ends[group], chunk_t))
-                    if len(capture.base_names) != len(found):
-                        raise ValueError(
-                            f"The model ran {len(found)} activation layers on one batch and {len(capture.base_names)} "
-                            "on another; folding needs the same layers for every input (no data-dependent control "
-                            "flow)."
-                        )
+                    capture.check_pass()
                     chunk_distances = walk.end_chunk(output)
                     if return_distances:
                         distances.append(chunk_distances)

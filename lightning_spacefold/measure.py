@@ -8,6 +8,9 @@ is batched over the leading dimensions, differentiable nowhere (patterns are dis
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -18,6 +21,9 @@ __all__ = [
     "count_ones",
     "interaction_profile",
     "pack_bits",
+    "pack_words",
+    "popcount",
+    "segment_popcounts",
     "step_distances",
     "unpack_bits",
     "symmetric_fold_measure",
@@ -95,6 +101,63 @@ def count_ones(bits: Tensor) -> Tensor:
         [words[..., :whole].unflatten(-1, (-1, 255)).sum(-1), words[..., whole:].sum(-1, keepdim=True)], dim=-1
     )
     return lanes.view(torch.uint8).sum(-1, dtype=torch.int64)
+
+
+# Each 0/1 byte of a word times this lands at a distinct bit; the top byte collects byte i at bit i, with no carry.
+_GATHER_BYTES = 0x0102040810204080
+_ODD_BITS, _BIT_PAIRS, _NIBBLES, _BYTE_ONES = (
+    0x5555555555555555,
+    0x3333333333333333,
+    0x0F0F0F0F0F0F0F0F,
+    0x0101010101010101,
+)
+
+
+def pack_words(bits: Tensor) -> Tensor:
+    """Pack boolean patterns 64 units to an ``int64`` word, for counting with :func:`popcount`.
+
+    The bools are read as int64 words of eight 0/1 bytes, and one multiplication gathers each word's eight bytes
+    into one byte: a handful of passes over an eighth of the data, instead of one per unit.
+
+    Args:
+        bits: Boolean tensor ``[..., M]``.
+
+    Returns:
+        ``int64`` tensor ``[..., ceil(M / 64)]``; the last word is padded with zeros. Unit ``j`` is bit ``j % 64``
+        of word ``j // 64`` on a little-endian machine (and at a fixed position on any machine).
+    """
+    if bits.shape[-1] % 8:
+        bits = torch.nn.functional.pad(bits, (0, -bits.shape[-1] % 8))
+    bits = bits.contiguous()
+    if bits.storage_offset() % 8:
+        bits = bits.clone()
+    packed = ((bits.view(torch.int64) * _GATHER_BYTES) >> 56 & 0xFF).to(torch.uint8)
+    if packed.shape[-1] % 8:
+        packed = torch.nn.functional.pad(packed, (0, -packed.shape[-1] % 8))
+    return packed.view(torch.int64)
+
+
+def popcount(words: Tensor) -> Tensor:
+    """Number of set bits of each ``int64`` word, ``[...]`` to ``[...]``, in a few integer operations (SWAR)."""
+    pairs = words - ((words >> 1) & _ODD_BITS)  # the masks drop the sign bits that >> shifts in
+    nibbles = (pairs & _BIT_PAIRS) + ((pairs >> 2) & _BIT_PAIRS)
+    byte_counts = (nibbles + (nibbles >> 4)) & _NIBBLES
+    return (byte_counts * _BYTE_ONES) >> 56  # the top byte sums all eight bytes
+
+
+def segment_popcounts(words: Tensor, widths: Sequence[int]) -> Tensor:
+    """Set bits of consecutive segments of words: one count per layer of a concatenated pattern.
+
+    Args:
+        words: ``int64`` tensor ``[..., W]``.
+        widths: Words per segment, summing to ``W``.
+
+    Returns:
+        ``int64`` tensor ``[..., len(widths)]``.
+    """
+    running = torch.nn.functional.pad(popcount(words).cumsum(-1), (1, 0))
+    offsets = torch.tensor([0, *itertools.accumulate(widths)], device=words.device)
+    return running.index_select(-1, offsets).diff(dim=-1)
 
 
 def step_distances(patterns: Tensor, start: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -66,6 +66,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from lightning_spacefold.capture import (
     ActivationRule,
+    LayersChangedError,
     capture_activations,
     check_batch_first,
     has_functional_layers,
@@ -151,7 +152,26 @@ def soft_folding(
     check_path_arguments(model, starts, ends, steps, None, forward)
     for name, value in (("temperature", temperature), ("smooth_max", smooth_max), ("eps", eps)):
         _check_positive(name, value)
-    found = discover_layers(model, starts, ends, forward)
+    arguments = (model, starts, ends, steps, temperature, layers, smooth_max, eps, forward)
+    try:
+        return _soft_folding(*arguments, reuse=True)
+    except LayersChangedError:
+        return _soft_folding(*arguments, reuse=False)  # a module was replaced since the layers were found
+
+
+def _soft_folding(
+    model: nn.Module,
+    starts: Tensor,
+    ends: Tensor,
+    steps: int,
+    temperature: float,
+    layers: Sequence[str] | None,
+    smooth_max: float,
+    eps: float,
+    forward: Forward | None,
+    reuse: bool,
+) -> Tensor:
+    found = discover_layers(model, starts, ends, forward, reuse=reuse)
     selected = select_layers(model, [layer.name for layer in found], layers)
 
     num_paths, num_points = len(starts), steps + 1
@@ -176,9 +196,12 @@ def soft_folding(
     finite: list[Tensor] = []  # per layer, [P]: whether the path's pre-activations are finite
     with (
         _frozen_running_statistics(model),
-        capture_activations(model, soft_bits, frozenset(selected), has_functional_layers(found)) as capture,
+        capture_activations(
+            model, soft_bits, frozenset(selected), has_functional_layers(found), expected=found
+        ) as capture,
     ):
         output = (model if forward is None else forward)(segment_points(starts, ends, t))
+        capture.check_pass()
     if isinstance(output, Tensor) and output.is_floating_point() and output.shape[:1] == (num_paths * num_points,):
         finite.append(torch.isfinite(output.detach().reshape(num_paths, -1).sum(-1)))
     bits = torch.cat(capture.values, dim=-1)  # [P, steps + 1, units]

@@ -264,3 +264,56 @@ def test_path_patterns_give_the_walk_that_path_folding_measures() -> None:
     assert torch.equal((patterns != patterns[:, :1]).sum(-1), result.distances)
     tanh_only = path_patterns(model, starts, ends, steps=40, layers=["tanh"])
     torch.testing.assert_close(fold_measure(tanh_only), result.layer_chi[:, 4])
+
+
+def tent_switch_network() -> nn.Sequential:
+    """``a = relu(x)``, ``b = relu(x - 1)``, ``c = relu(a - 2 b - 0.5)``: path_folding's docstring example."""
+    model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1), nn.ReLU())
+    nn.utils.vector_to_parameters(torch.tensor([1.0, 1.0, 0.0, -1.0, 1.0, -2.0, -0.5]), model.parameters())
+    return model
+
+
+class CountingForward(nn.Module):
+    """Counts the batches it runs."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_layers_found_once_are_reused_by_later_measurements() -> None:
+    model = CountingForward(tent_switch_network())
+    starts, ends = torch.tensor([[0.25]]), torch.tensor([[1.75]])
+    path_folding(model, starts, ends, steps=3)
+    assert model.calls == 2  # finding the layers, then one pass over the 4 points
+    model.calls = 0
+    second = path_folding(model, starts, ends, steps=3)
+    assert model.calls == 1
+    assert torch.allclose(second.chi, torch.tensor([1 / 3]))
+    path_folding(model.double(), starts.double(), ends.double(), steps=3)  # another dtype: found again
+    assert model.calls == 3
+
+
+def test_a_replaced_or_added_module_is_seen_by_the_next_measurement() -> None:
+    model = tent_switch_network()
+    starts, ends = torch.tensor([[0.25]]), torch.tensor([[1.75]])
+    assert path_folding(model, starts, ends, steps=3).layer_names == ["1", "3"]
+    # Patterns (a, b, c, relu(c)): 1000, 1011, 1111, 1100: distances from the start 0, 2, 3, 1, so r1 = 3, r2 = 5.
+    model.append(nn.ReLU())
+    added = path_folding(model, starts, ends, steps=3)
+    assert added.layer_names == ["1", "3", "4"]
+    assert torch.allclose(added.chi, torch.tensor([1 - 3 / 5]))
+    # Without c, a and b switch once each: r1 = r2 = 2.
+    model[3], model[4] = nn.Identity(), nn.Identity()
+    removed = path_folding(model, starts, ends, steps=3)
+    assert removed.layer_names == ["1"]
+    assert torch.equal(removed.chi, torch.tensor([0.0]))
+    # A module of another kind under the same name is found again too (Hardtanh's bit is z > 0 as well).
+    model[1] = nn.Hardtanh()
+    assert path_folding(model, starts, ends, steps=3).layer_names == ["1"]
+    assert path_folding(model, starts, ends, exact=True).regions.tolist() == [2]  # b switches on at x = 1

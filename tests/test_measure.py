@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_spacefold import fold_measure, fold_ranges, interaction_profile, symmetric_fold_measure
-from lightning_spacefold.measure import pack_bits, step_distances, unpack_bits
+from lightning_spacefold.measure import pack_bits, pack_words, popcount, segment_popcounts, step_distances, unpack_bits
 
 
 def walk(*patterns: str) -> torch.Tensor:
@@ -75,6 +75,35 @@ def test_pack_roundtrip_and_distances() -> None:
     assert torch.equal(from_start, (bits != bits[:, :1]).sum(-1).int())
     assert from_previous[:, 0].eq(0).all()
     assert torch.equal(from_previous[:, 1:], (bits[:, 1:] != bits[:, :-1]).sum(-1).int())
+
+
+def test_pack_words_puts_unit_j_at_bit_j_of_its_word() -> None:
+    bits = torch.zeros(2, 70, dtype=torch.bool)
+    bits[0, [0, 9]] = True  # 1 + 2**9
+    bits[1, [63, 64, 69]] = True  # the sign bit of word 0; bits 0 and 5 of word 1
+    assert pack_words(bits).tolist() == [[513, 0], [-(2**63), 33]]
+    assert pack_words(bits[:, :8]).tolist() == [[1], [0]]  # padded to one word
+    # Columns of a wider tensor (not contiguous) pack as the same units.
+    assert torch.equal(pack_words(torch.cat([bits, bits], 1)[:, :70]), pack_words(bits))
+
+
+def test_popcount_of_words_by_hand() -> None:
+    words = torch.tensor([0, -1, 0x5555555555555555, -(2**63), 255, 2**62 + 7])
+    assert popcount(words).tolist() == [0, 64, 32, 1, 8, 4]
+
+
+def test_segment_popcounts_sums_each_layer_of_words() -> None:
+    words = torch.tensor([[-1, 3, 0, 7], [0, 0, 1, 1]])
+    assert segment_popcounts(words, [1, 0, 3]).tolist() == [[64, 0, 5], [0, 0, 2]]
+
+
+@given(st.integers(1, 200), st.integers(1, 4))
+@settings(max_examples=30, deadline=None)
+def test_packed_hamming_distances_equal_counted_units(num_units: int, rows: int) -> None:
+    generator = torch.Generator().manual_seed(num_units * 7 + rows)
+    first, second = (torch.rand(rows, num_units, generator=generator) > 0.5 for _ in range(2))
+    distances = popcount(pack_words(first) ^ pack_words(second)).sum(-1)
+    assert torch.equal(distances, (first != second).sum(-1))
 
 
 def random_walks(max_points: int = 12, max_units: int = 10) -> st.SearchStrategy[torch.Tensor]:
