@@ -42,14 +42,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from common import repeat_times
+from common import fold_over_forward, repeat_times
 from torch import Tensor, nn
 
 from lightning_spacefold import find_layers, path_folding
-from lightning_spacefold.folding import segment_points
 
 PATHS, STEPS = 4, 32  # fold/forward: 4 paths x 33 points on the CPU (more with run(paths=...))
-FORWARD_BATCHES = (64, 256)  # plain forward in batches of these sizes, besides all points in one batch
 # Exact traversal: one path, over its first EXACT_FRACTION only. A whole path between two random 3x32x32 inputs
 # crosses tens of thousands of regions (the U-Net 2,550 on a tenth of one, VGG-11 427 on a hundredth): minutes each
 # on a 2-core CPU.
@@ -263,31 +261,14 @@ def measure_fold_forward(
     forward: Callable[[Tensor], Any] | None,
     repeats: int,
 ) -> None:
-    run_model = model if forward is None else forward
-    points = segment_points(starts, ends, torch.arange(STEPS + 1, dtype=torch.float64, device=starts.device) / STEPS)
-    # Batches at least as large as all points are the one-batch forward: not timed twice.
-    batch_sizes = [len(points), *(size for size in FORWARD_BATCHES if size < len(points))]
-
-    def plain(batch_size: int) -> Callable[[], object]:
-        def call() -> None:
-            with torch.no_grad():
-                for begin in range(0, len(points), batch_size):
-                    run_model(points[begin : begin + batch_size])
-
-        return call
-
-    functions = [lambda: path_folding(model, starts, ends, steps=STEPS, forward=forward)]
-    functions += [plain(batch_size) for batch_size in batch_sizes]
-    times = repeat_times([synchronized(function, starts.device) for function in functions], repeats)
-    row.fold_forward = [fold / min(plain_times) for fold, *plain_times in times]
-    best = [min(column) for column in zip(*times, strict=True)]
-    forwards = ", ".join(
-        f"{'one batch' if size == len(points) else f'batches of {size}'} {seconds:.3f} s"
-        for size, seconds in zip(batch_sizes, best[1:], strict=True)
+    ratios, fold_best, forward_best = fold_over_forward(
+        model, starts, ends, STEPS, repeats, forward, lambda function: synchronized(function, starts.device)
     )
+    row.fold_forward = ratios
+    forwards = ", ".join(f"{label} {seconds:.3f} s" for label, seconds in forward_best.items())
     print(
         f"  fold/forward ({len(starts)} paths x {STEPS + 1} points): {spread(row.fold_forward)} over {repeats} "
-        f"repeats (best times: path_folding {best[0]:.3f} s; plain forward in {forwards})"
+        f"repeats (best times: path_folding {fold_best:.3f} s; plain forward in {forwards})"
     )
 
 

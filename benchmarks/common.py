@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from lightning_spacefold import path_folding
+from lightning_spacefold.folding import segment_points
+
+FORWARD_BATCHES = (64, 256)  # plain forward in batches of these sizes, besides all points in one batch
 
 
 def mlp() -> nn.Module:
@@ -54,3 +61,49 @@ def repeat_times(functions: list[Callable[[], object]], repeats: int, warm_up: b
 def best_times(functions: list[Callable[[], object]], repeats: int) -> list[float]:
     """Best wall-clock time of each function, run in turns so that a busy machine slows all of them alike."""
     return [min(column) for column in zip(*repeat_times(functions, repeats), strict=True)]
+
+
+def fold_over_forward(
+    model: nn.Module,
+    starts: Tensor,
+    ends: Tensor,
+    steps: int,
+    repeats: int,
+    forward: Callable[[Tensor], Any] | None = None,
+    wrap: Callable[[Callable[[], object]], Callable[[], object]] = lambda function: function,
+) -> tuple[list[float], float, dict[str, float]]:
+    """``path_folding`` time over the fastest plain forward of the same points, once per repeat.
+
+    The plain forward (``model(points)`` under ``torch.no_grad()``, eval mode) runs all points in one batch and in
+    batches of :data:`FORWARD_BATCHES` smaller than that; each repeat's ratio uses its fastest.
+
+    Args:
+        model: The network, in eval mode.
+        starts: Path starts.
+        ends: Path ends.
+        steps: Segments per path.
+        repeats: Interleaved repeats (after a warm-up).
+        forward: As in ``path_folding``.
+        wrap: Applied to every timed function (e.g. to synchronise a GPU).
+
+    Returns:
+        The ratio of each repeat, path_folding's best time, and the best time of each plain forward by its label.
+    """
+    run_model = model if forward is None else forward
+    points = segment_points(starts, ends, torch.arange(steps + 1, dtype=torch.float64, device=starts.device) / steps)
+    batch_sizes = [len(points), *(size for size in FORWARD_BATCHES if size < len(points))]
+
+    def plain(batch_size: int) -> Callable[[], object]:
+        def call() -> None:
+            with torch.no_grad():
+                for begin in range(0, len(points), batch_size):
+                    run_model(points[begin : begin + batch_size])
+
+        return call
+
+    functions = [lambda: path_folding(model, starts, ends, steps=steps, forward=forward)]
+    functions += [plain(batch_size) for batch_size in batch_sizes]
+    times = repeat_times([wrap(function) for function in functions], repeats)
+    best = [min(column) for column in zip(*times, strict=True)]
+    labels = ["one batch" if size == len(points) else f"batches of {size}" for size in batch_sizes]
+    return [fold / min(plain_times) for fold, *plain_times in times], best[0], dict(zip(labels, best[1:], strict=True))

@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -181,11 +181,14 @@ class LayerInfo:
         activation: The activation module's class name, or ``F.<name>`` for a functional call (``F.<name> in
             <class name>`` inside an activation written as a module around functional calls).
         num_units: Units per sample (the flattened size of the pre-activation of one input).
+        module: Qualified name of the module that ran it: the activation module, or the innermost module whose
+            forward made the functional call (``""`` for the model itself).
     """
 
     name: str
     activation: str
     num_units: int
+    module: str = field(default="", repr=False)
 
 
 def _unique_names(base_names: list[str]) -> list[str]:
@@ -227,12 +230,16 @@ class _Capture:
         self.gated_depth = 0  # inside a declared gated MLP, whose own activation calls are not layers
         self.transforming = False
         self.base_names: list[str] = []
+        self.modules: list[str] = []
         self.activations: list[str] = []
         self.values: list[Any] = []
 
-    def record(self, base_name: str, activation: str, rule: ActivationRule, pre_activation: Tensor) -> None:
+    def record(
+        self, base_name: str, module: str, activation: str, rule: ActivationRule, pre_activation: Tensor
+    ) -> None:
         index = len(self.base_names)
         self.base_names.append(base_name)
+        self.modules.append(module)
         self.activations.append(activation)
         # Checked before the transform, which relies on the expected layers' positions.
         if self.expected is not None and (index >= len(self.expected) or self.expected[index].activation != activation):
@@ -251,7 +258,7 @@ class _Capture:
 
     def reset(self) -> None:
         """Forget the last forward pass."""
-        self.base_names, self.activations, self.values = [], [], []
+        self.base_names, self.modules, self.activations, self.values = [], [], [], []
 
     def check_pass(self) -> None:
         """After a forward pass: raise :class:`LayersChangedError` unless it ran exactly the expected layers."""
@@ -284,7 +291,7 @@ class _FunctionalActivations(TorchFunctionMode):
                 layer, activation = owner, f"F.{name} in {wrapper}"
             else:
                 layer, activation = f"{owner}.{name}" if owner else name, f"F.{name}"
-            capture.record(layer, activation, rule(args, kwargs), args[0] if args else kwargs["input"])
+            capture.record(layer, owner, activation, rule(args, kwargs), args[0] if args else kwargs["input"])
         return func(*args, **kwargs)
 
 
@@ -312,19 +319,23 @@ def capture_activations(
             overhead.
         expected: The layers every forward pass must run (:func:`find_layers`); a call of another kind, or one
             more call, raises :class:`LayersChangedError` before its transform, and ``check_pass()`` compares the
-            names after a pass.
+            names after a pass. Only the modules that ran the expected functional calls are then hooked (hooks on
+            every module of a large network cost up to a fifth of its forward pass).
 
     Yields:
         The capture state.
     """
     capture = _Capture(transform, select, expected)
+    # Functional calls are named after the module around them: with the layers known, only those modules need hooks.
+    owners = None if expected is None else {layer.module for layer in expected}
     handles = []
     try:
         for qualified_name, module in model.named_modules():
             rule = _module_rule(module)
-            if rule is None and not functional and not hasattr(module, _GATED_MLP):
-                continue
             name = _without_wrappers(qualified_name)
+            names_calls = functional and (owners is None or name in owners)
+            if rule is None and not names_calls and not hasattr(module, _GATED_MLP):
+                continue
             handles.append(module.register_forward_pre_hook(_enter_hook(capture, name, module, rule)))
             handles.append(module.register_forward_hook(_exit_hook(capture, rule), always_call=True))
         with _FunctionalActivations(capture) if functional else nullcontext():
@@ -364,7 +375,7 @@ def _enter_hook(
             # Counted before recording: the exit hook always runs, also when the transform raises.
             capture.activation_depth += 1
             if outermost:
-                capture.record(name or type(module).__name__, activation, rule(module), args[0])
+                capture.record(name or type(module).__name__, name, activation, rule(module), args[0])
         capture.gated_depth += frame.gated_mlp
 
     return hook
@@ -503,8 +514,10 @@ def find_layers(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
     for name, z in zip(names, pre_activations, strict=True):
         check_batch_first(name, z, len(inputs))
     return [
-        LayerInfo(name, activation, z[0].numel())
-        for name, activation, z in zip(names, capture.activations, pre_activations, strict=True)
+        LayerInfo(name, activation, z[0].numel(), module)
+        for name, activation, z, module in zip(
+            names, capture.activations, pre_activations, capture.modules, strict=True
+        )
     ]
 
 

@@ -28,8 +28,8 @@ from lightning_spacefold.capture import (
 )
 from lightning_spacefold.checks import is_int
 from lightning_spacefold.exact import exact_folding
-from lightning_spacefold.finite import FiniteCheck
-from lightning_spacefold.measure import folding_from_ranges, pack_words, segment_popcounts
+from lightning_spacefold.finite import FiniteCheck, finite_sum
+from lightning_spacefold.measure import folding_from_ranges, pack_words, popcount, segment_sums
 from lightning_spacefold.result import FoldingResult
 
 __all__ = [
@@ -135,11 +135,11 @@ class _Walk:
             self.start = words[:, 0].clone()  # not a view that keeps the chunk alive
         previous = self.start if self.previous is None else self.previous  # the first point adds 0 to the length
         before = torch.cat([previous.unsqueeze(1), words[:, :-1]], dim=1)
-        from_start = segment_popcounts(words ^ self.start.unsqueeze(1), widths)  # [G, K, layers]
-        from_previous = segment_popcounts(words ^ before, widths)
+        changes = popcount(torch.stack([words ^ self.start.unsqueeze(1), words ^ before]))  # one call for both
+        from_start = segment_sums(changes[0], widths)  # [G, K, layers]
         self.previous = words[:, -1].clone()
         self.layer_r1 = torch.maximum(self.layer_r1, from_start.amax(1))
-        self.layer_r2 += from_previous.sum(1)
+        self.layer_r2 += segment_sums(changes[1].sum(1), widths)  # the length needs no per-point counts
         whole = from_start.sum(-1)
         self.r1 = torch.maximum(self.r1, whole.amax(-1))
         return whole
@@ -424,7 +424,8 @@ def check_path_arguments(
         raise ValueError(
             f"`starts` and `ends` must hold at least one path ([P, *input_shape], P >= 1), got {tuple(starts.shape)}."
         )
-    if not (bool(torch.isfinite(starts).all()) and bool(torch.isfinite(ends).all())):
+    # One sum per tensor first (finite in all but absurd cases); the element-wise test only to confirm.
+    if not all(bool(torch.isfinite(finite_sum(x))) or bool(torch.isfinite(x).all()) for x in (starts, ends)):
         raise ValueError(
             "`starts` and `ends` must be finite; found NaN or infinity. Clean the inputs before measuring."
         )

@@ -23,7 +23,7 @@ __all__ = [
     "pack_bits",
     "pack_words",
     "popcount",
-    "segment_popcounts",
+    "segment_sums",
     "step_distances",
     "unpack_bits",
     "symmetric_fold_measure",
@@ -131,7 +131,8 @@ def pack_words(bits: Tensor) -> Tensor:
     bits = bits.contiguous()
     if bits.storage_offset() % 8:
         bits = bits.clone()
-    packed = ((bits.view(torch.int64) * _GATHER_BYTES) >> 56 & 0xFF).to(torch.uint8)
+    gathered = bits.view(torch.int64) * _GATHER_BYTES
+    packed = gathered.bitwise_right_shift_(56).to(torch.uint8)  # the cast keeps the low byte
     if packed.shape[-1] % 8:
         packed = torch.nn.functional.pad(packed, (0, -packed.shape[-1] % 8))
     return packed.view(torch.int64)
@@ -139,24 +140,32 @@ def pack_words(bits: Tensor) -> Tensor:
 
 def popcount(words: Tensor) -> Tensor:
     """Number of set bits of each ``int64`` word, ``[...]`` to ``[...]``, in a few integer operations (SWAR)."""
-    pairs = words - ((words >> 1) & _ODD_BITS)  # the masks drop the sign bits that >> shifts in
-    nibbles = (pairs & _BIT_PAIRS) + ((pairs >> 2) & _BIT_PAIRS)
-    byte_counts = (nibbles + (nibbles >> 4)) & _NIBBLES
-    return (byte_counts * _BYTE_ONES) >> 56  # the top byte sums all eight bytes
+    # In place where possible: each temporary is as large as the words.
+    shifted = words >> 1
+    shifted &= _ODD_BITS  # the masks drop the sign bits that >> shifts in
+    counts = words - shifted  # 2-bit counts
+    shifted = counts >> 2
+    shifted &= _BIT_PAIRS
+    counts &= _BIT_PAIRS
+    counts += shifted  # 4-bit counts
+    counts += counts >> 4
+    counts &= _NIBBLES  # 8-bit counts
+    counts *= _BYTE_ONES  # the top byte sums all eight bytes
+    return counts.bitwise_right_shift_(56)
 
 
-def segment_popcounts(words: Tensor, widths: Sequence[int]) -> Tensor:
-    """Set bits of consecutive segments of words: one count per layer of a concatenated pattern.
+def segment_sums(values: Tensor, widths: Sequence[int]) -> Tensor:
+    """Sums of consecutive segments of the last dimension: one count per layer of a concatenated pattern.
 
     Args:
-        words: ``int64`` tensor ``[..., W]``.
-        widths: Words per segment, summing to ``W``.
+        values: Integer tensor ``[..., W]`` (e.g. :func:`popcount` of packed words).
+        widths: Length of each segment, summing to ``W``.
 
     Returns:
         ``int64`` tensor ``[..., len(widths)]``.
     """
-    running = torch.nn.functional.pad(popcount(words).cumsum(-1), (1, 0))
-    offsets = torch.tensor([0, *itertools.accumulate(widths)], device=words.device)
+    running = torch.nn.functional.pad(values.cumsum(-1), (1, 0))
+    offsets = torch.tensor([0, *itertools.accumulate(widths)], device=values.device)
     return running.index_select(-1, offsets).diff(dim=-1)
 
 

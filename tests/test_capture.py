@@ -199,3 +199,35 @@ def test_a_compiled_model_has_the_names_of_the_model_it_wraps() -> None:
     result = path_folding(compiled, starts, ends, steps=32)
     assert result.layer_names == ["1", "3"]
     assert torch.equal(result.r2, path_folding(model, starts, ends, steps=32).r2)
+
+
+def test_layers_know_the_module_that_ran_them() -> None:
+    layers = find_layers(Mixed(), torch.randn(2, 3))
+    assert [layer.module for layer in layers] == ["act", "act", "inplace", "", "", ""]
+
+
+def test_with_known_layers_only_the_modules_around_functional_calls_are_hooked() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3))
+            self.head = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.block(x)))
+
+    model = Net()
+    expected = find_layers(model, torch.randn(2, 2))
+    hooked = []
+
+    def hook_counts(_position: int, _z: torch.Tensor, _rule: object) -> None:
+        hooked.append({name: len(module._forward_pre_hooks) for name, module in model.named_modules()})
+
+    with capture_activations(model, hook_counts, expected=expected) as capture:
+        model(torch.randn(2, 2))
+        capture.check_pass()
+    assert hooked == [{"": 1, "block": 0, "block.0": 0, "block.1": 0, "head": 0}]
+    assert capture.names == ["tanh"]
+    with capture_activations(model, hook_counts):
+        model(torch.randn(2, 2))
+    assert hooked[-1] == {"": 1, "block": 1, "block.0": 1, "block.1": 1, "head": 1}

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_spacefold import fold_measure, fold_ranges, interaction_profile, symmetric_fold_measure
-from lightning_spacefold.measure import pack_bits, pack_words, popcount, segment_popcounts, step_distances, unpack_bits
+from lightning_spacefold.measure import pack_bits, pack_words, popcount, segment_sums, step_distances, unpack_bits
 
 
 def walk(*patterns: str) -> torch.Tensor:
@@ -92,9 +92,9 @@ def test_popcount_of_words_by_hand() -> None:
     assert popcount(words).tolist() == [0, 64, 32, 1, 8, 4]
 
 
-def test_segment_popcounts_sums_each_layer_of_words() -> None:
-    words = torch.tensor([[-1, 3, 0, 7], [0, 0, 1, 1]])
-    assert segment_popcounts(words, [1, 0, 3]).tolist() == [[64, 0, 5], [0, 0, 2]]
+def test_segment_sums_add_each_layers_words() -> None:
+    counts = popcount(torch.tensor([[-1, 3, 0, 7], [0, 0, 1, 1]]))
+    assert segment_sums(counts, [1, 0, 3]).tolist() == [[64, 0, 5], [0, 0, 2]]
 
 
 @given(st.integers(1, 200), st.integers(1, 4))
