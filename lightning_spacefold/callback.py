@@ -28,6 +28,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_spacefold.capture import evaluation_mode
 from lightning_spacefold.checks import is_int, is_real
+from lightning_spacefold.figure_process import FigureProcess
 from lightning_spacefold.folding import (
     Forward,
     default_batch_size,
@@ -57,7 +58,14 @@ from lightning_spacefold.safeguard import (
     with_memory_backoff,
 )
 from lightning_spacefold.sampling import PairBatch, random_pairs
-from lightning_spacefold.views import PREFIX, add_custom_scalars, build_figures, has_tensorboard, log_views
+from lightning_spacefold.views import (
+    PREFIX,
+    add_custom_scalars,
+    figure_views,
+    has_tensorboard,
+    log_histogram,
+    tensorboard_dirs,
+)
 
 __all__ = ["SpaceFoldingCallback"]
 
@@ -82,7 +90,9 @@ class SpaceFoldingCallback(Callback):
     TensorBoard logger also a histogram of the per-path chi (``spacefold/chi``), figures (``spacefold/example_paths``:
     Hamming distance from the start along a few paths; ``spacefold/class_pairs``: mean chi per pair of classes;
     ``spacefold/layers``: mean chi per layer) and a custom-scalars layout that puts the global and per-layer curves
-    side by side. After each measurement the values are also in :attr:`latest_metrics` (and the step in
+    side by side. The figures are drawn by a child process while training goes on and written to the ``figures``
+    folder of the logger's directory (a run of its own in TensorBoard); :meth:`wait_for_figures` waits for them.
+    After each measurement the values are also in :attr:`latest_metrics` (and the step in
     :attr:`latest_step`, this process's paths in :attr:`latest_result`).
 
     Measuring a trained model: with ``trainer.validate(...)`` and ``trainer.test(...)`` (also the CLI's ``validate``
@@ -148,11 +158,12 @@ class SpaceFoldingCallback(Callback):
         label_key: Where the class labels are in a batch (an index or a key), or ``None`` for no labels.
         batch_size: Points per forward pass during a measurement; chosen from the model by default.
         log_histogram: Log a histogram of the per-path chi (TensorBoard).
-        log_figures: Log the figures (TensorBoard). They are built on rank 0 only.
+        log_figures: Log the figures (TensorBoard). Process 0 hands them to a child process that draws them (where
+            none can run, it draws them itself, with a warning).
         figures_every_n_measurements: During a fit, draw the figures at every this many measurements (counting from
             the first) and at the last one (the fit's last step, or the last that ``every_n_train_steps`` reaches);
-            an evaluation always draws them. Rendering the
-            three figures takes about 0.4 s on a CPU.
+            an evaluation always draws them. Drawing the three figures takes about 0.2 s of a CPU core beside
+            training.
         num_example_paths: Number of paths in the ``example_paths`` figure: the most folded ones of the measurement
             (of process 0's share under DDP), sampled at ``steps`` points.
         seed: Seed of the probe set and the pairs; the training run's RNG is not touched.
@@ -310,6 +321,7 @@ class SpaceFoldingCallback(Callback):
         self._fit_measurements = 0  # measurements of this fit so far: when the figures are due
         self._failures = FailureReporter()
         self._loss_term: TrainingLossTerm | None = None
+        self._figures = FigureProcess()  # draws the figures beside training
 
     @property
     def state_key(self) -> str:
@@ -394,8 +406,17 @@ class SpaceFoldingCallback(Callback):
             self._measure_evaluation(trainer, pl_module, "test")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Give the module its own ``training_step`` back."""
+        """Give the module its own ``training_step`` back; let the figure process finish on its own."""
         self._remove_loss_term()
+        self._figures.close()
+
+    def wait_for_figures(self) -> None:
+        """Return when every figure of the measurements so far is written.
+
+        The figures are drawn by a child process while training goes on (see ``log_figures``) and can land a moment
+        after ``fit`` returns; call this before reading or copying the event files.
+        """
+        self._figures.wait()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Give the module its own ``training_step`` back, also when the fit fails."""
@@ -697,8 +718,11 @@ class SpaceFoldingCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
         if trainer.is_global_zero:
-            figures = None if example_patterns is None else build_figures(values, example_patterns)
-            log_views(trainer.loggers, step, all_chi, figures)
+            if all_chi is not None:
+                log_histogram(trainer.loggers, step, all_chi)
+            if example_patterns is not None:
+                views = figure_views(values, example_patterns)
+                self._figures.submit(tensorboard_dirs(trainer.loggers), step, PREFIX, views)
         return scalars
 
     def _fail(self, trainer: pl.Trainer, failed_ranks: Tensor, error: Exception | None, what: str) -> None:

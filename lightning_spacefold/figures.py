@@ -1,21 +1,24 @@
-"""Matplotlib figures of folding measurements. Pure plotting: no Lightning, no logger.
+"""Matplotlib figures of folding measurements. Pure plotting: no torch, no Lightning, no logger.
 
 Each function returns a new ``matplotlib.figure.Figure`` (built with the object-oriented API, so it works without a
-display and never touches pyplot's global state); the caller closes it.
+display and never touches pyplot's global state); the caller closes it. Inputs are NumPy arrays or anything
+``numpy.asarray`` takes (CPU tensors included). Without torch this module also loads in the process that draws the
+callback's figures (:mod:`lightning_spacefold.figure_process`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import torch
+import numpy as np
 from matplotlib.figure import Figure
-from torch import Tensor
+from numpy.typing import ArrayLike
 
-__all__ = ["class_pair_figure", "distance_figure", "layer_figure"]
+__all__ = ["class_pair_figure", "distance_figure", "layer_figure", "measurement_figures"]
 
 
-def distance_figure(from_start: Tensor, walked: Tensor, chi: Tensor) -> Figure:
+def distance_figure(from_start: ArrayLike, walked: ArrayLike, chi: ArrayLike) -> Figure:
     """The walks of a few paths on the Hamming cube: how far each gets from its start, and how far it has walked.
 
     The highest point of a solid line is the path's range ``r1``, the end of its dashed line the length ``r2``,
@@ -29,10 +32,11 @@ def distance_figure(from_start: Tensor, walked: Tensor, chi: Tensor) -> Figure:
     Returns:
         The figure.
     """
+    from_start, walked, chi = np.asarray(from_start), np.asarray(walked), np.asarray(chi)
     figure = Figure(figsize=(6.5, 4), layout="constrained")
     axes = figure.add_subplot()
-    t = torch.linspace(0, 1, from_start.shape[-1])
-    for index, (distance, length, value) in enumerate(zip(from_start.cpu(), walked.cpu(), chi.cpu(), strict=True)):
+    t = np.linspace(0, 1, from_start.shape[-1])
+    for index, (distance, length, value) in enumerate(zip(from_start, walked, chi, strict=True)):
         colour = f"C{index}"
         axes.plot(t, distance, drawstyle="steps-post", color=colour, label=f"path {index}: chi = {value:.3f}")
         axes.plot(t, length, drawstyle="steps-post", color=colour, linestyle="--", alpha=0.6)
@@ -43,7 +47,7 @@ def distance_figure(from_start: Tensor, walked: Tensor, chi: Tensor) -> Figure:
     return figure
 
 
-def class_pair_figure(matrix: Tensor, class_names: Sequence[str] | None = None) -> Figure:
+def class_pair_figure(matrix: ArrayLike, class_names: Sequence[str] | None = None) -> Figure:
     """Mean folding per (start class, end class) as a heatmap; NaN (no path) is left blank.
 
     Args:
@@ -53,9 +57,10 @@ def class_pair_figure(matrix: Tensor, class_names: Sequence[str] | None = None) 
     Returns:
         The figure.
     """
+    matrix = np.asarray(matrix, dtype=np.float64)
     figure = Figure(figsize=(5, 4.2), layout="constrained")
     axes = figure.add_subplot()
-    image = axes.imshow(matrix.detach().float().cpu().numpy(), cmap="viridis", vmin=0)
+    image = axes.imshow(matrix, cmap="viridis", vmin=0)
     ticks = range(len(matrix))
     labels = list(class_names) if class_names is not None else [str(index) for index in ticks]
     axes.set_xticks(ticks, labels)
@@ -66,7 +71,7 @@ def class_pair_figure(matrix: Tensor, class_names: Sequence[str] | None = None) 
     return figure
 
 
-def layer_figure(names: Sequence[str], values: Tensor) -> Figure:
+def layer_figure(names: Sequence[str], values: ArrayLike) -> Figure:
     """Mean folding of each layer, in forward order, as a bar chart.
 
     Args:
@@ -78,8 +83,27 @@ def layer_figure(names: Sequence[str], values: Tensor) -> Figure:
     """
     figure = Figure(figsize=(max(4.0, 0.5 * len(names) + 2), 3.5), layout="constrained")
     axes = figure.add_subplot()
-    axes.bar(range(len(names)), values.detach().float().cpu().numpy())
+    axes.bar(range(len(names)), np.asarray(values, dtype=np.float64))
     axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axes.set_ylabel("mean chi")
     axes.set_xlabel("layer (forward order)")
     return figure
+
+
+def measurement_figures(views: Mapping[str, Any]) -> dict[str, Figure]:
+    """The callback's figures of one measurement, from the arrays that ``views.figure_views`` collects.
+
+    Args:
+        views: ``from_start``, ``walked`` and ``chi`` of the example paths, ``layer_names`` and ``layer_values``, and
+            ``class_pairs`` (a ``[C, C]`` matrix, or ``None`` without class pairs).
+
+    Returns:
+        ``example_paths``, ``layers`` and, with class pairs, ``class_pairs``.
+    """
+    figures = {
+        "example_paths": distance_figure(views["from_start"], views["walked"], views["chi"]),
+        "layers": layer_figure(views["layer_names"], views["layer_values"]),
+    }
+    if views["class_pairs"] is not None:
+        figures["class_pairs"] = class_pair_figure(views["class_pairs"])
+    return figures

@@ -110,10 +110,10 @@ def events(directory: Path) -> EventAccumulator:
 
 
 def scalar_steps(directory: Path, tag: str) -> list[int]:
-    steps = []
-    for path in sorted(directory.glob("events.out.tfevents.*")):
-        steps += [event.step for event in events(path).Scalars(tag)]
-    return steps
+    """The steps of a tag over all event files of a run, in the order they were written (file names need not sort
+    so: the writer's counter at the end of a name is not zero-padded)."""
+    logged = [event for path in directory.glob("events.out.tfevents.*") for event in events(path).Scalars(tag)]
+    return [event.step for event in sorted(logged, key=lambda event: event.wall_time)]
 
 
 def test_logs_scalars_histogram_and_figures_at_scheduled_steps(tmp_path: Path) -> None:
@@ -122,12 +122,18 @@ def test_logs_scalars_histogram_and_figures_at_scheduled_steps(tmp_path: Path) -
     trainer(tmp_path, callback).fit(Classifier(), datamodule=Blobs())
     log = events(tmp_path / "tb" / "version_0")
     tags = log.Tags()
+    callback.wait_for_figures()
+    figures = events(tmp_path / "tb" / "version_0" / "figures")
     expected = {"spacefold/folding", "spacefold/folding_median_nonzero", "spacefold/folded_fraction"}
     assert expected | {"spacefold/layer/net.1", "spacefold/layer/net.3"} <= set(tags["scalars"])
     for tag in expected:
         assert [event.step for event in log.Scalars(tag)] == [0, 2, 4, 6]
     assert [event.step for event in log.Histograms("spacefold/chi")] == [0, 2, 4, 6]
-    assert {"spacefold/example_paths", "spacefold/layers", "spacefold/class_pairs"} <= set(tags["images"])
+    assert not tags["images"]  # drawn by the figure process, into a run of their own
+    for tag in ("spacefold/example_paths", "spacefold/layers", "spacefold/class_pairs"):
+        assert [event.step for event in figures.Images(tag)] == [0, 6], tag  # the first and the last measurement
+    example = figures.Images("spacefold/example_paths")[0]
+    assert example.encoded_image_string.startswith(b"\x89PNG") and (example.width, example.height) == (650, 400)
     assert callback.latest_step == 6
     assert callback.latest_metrics["spacefold/folding"] == pytest.approx(log.Scalars("spacefold/folding")[-1].value)
     assert callback.latest_result is not None and len(callback.latest_result) == 12
@@ -138,17 +144,20 @@ def test_figures_every_few_measurements_and_at_the_last_step(tmp_path: Path) -> 
         every_n_train_steps=2, num_pairs=6, steps=8, probe_size=20, figures_every_n_measurements=5
     )
     trainer(tmp_path, callback, max_steps=12).fit(Classifier(), datamodule=Blobs())
+    callback.wait_for_figures()
     log = events(tmp_path / "tb" / "version_0")
+    figures = events(tmp_path / "tb" / "version_0" / "figures")
     assert [event.step for event in log.Scalars("spacefold/folding")] == [0, 2, 4, 6, 8, 10, 12]
     for tag in ("spacefold/example_paths", "spacefold/layers", "spacefold/class_pairs"):
-        assert [event.step for event in log.Images(tag)] == [0, 10, 12], tag
+        assert [event.step for event in figures.Images(tag)] == [0, 10, 12], tag
     # A fit whose last step is not on the schedule: the last measurement (step 10 of 11) still draws them.
     callback = SpaceFoldingCallback(
         every_n_train_steps=2, num_pairs=6, steps=8, probe_size=20, figures_every_n_measurements=3
     )
     trainer(tmp_path / "odd", callback, max_steps=11).fit(Classifier(), datamodule=Blobs())
-    log = events(tmp_path / "odd" / "tb" / "version_0")
-    assert [event.step for event in log.Images("spacefold/layers")] == [0, 6, 10]
+    callback.wait_for_figures()
+    figures = events(tmp_path / "odd" / "tb" / "version_0" / "figures")
+    assert [event.step for event in figures.Images("spacefold/layers")] == [0, 6, 10]
     with pytest.raises(ValueError, match="figures_every_n_measurements"):
         SpaceFoldingCallback(figures_every_n_measurements=0)
 

@@ -49,8 +49,9 @@ def test_evaluation_measures_once_on_its_own_data(tmp_path: Path, stage: str, po
     assert both_ways(model, points) == pytest.approx([1 / 7] * 2 if stage == "validate" else [0.3] * 2)
     logged = tmp_path / "tb" / "version_0"
     assert scalar_steps(logged, "spacefold/folding") == [0]
-    tags = events(logged).Tags()
-    assert "spacefold/chi" in tags["histograms"] and "spacefold/example_paths" in tags["images"]
+    assert "spacefold/chi" in events(logged).Tags()["histograms"]
+    callback.wait_for_figures()
+    assert [event.step for event in events(logged / "figures").Images("spacefold/example_paths")] == [0]
 
 
 def test_a_checkpoint_is_measured_at_its_step(tmp_path: Path) -> None:
