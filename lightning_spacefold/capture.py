@@ -432,7 +432,7 @@ def register_swiglu(model: nn.Module, projection: str = "down_proj") -> list[str
         TypeError: If ``model`` is not an ``nn.Module`` or ``projection`` is not a string.
         ValueError: If no submodule is named ``projection``.
 
-    Example:
+    Examples:
         >>> class GatedMLP(nn.Module):
         ...     def __init__(self):
         ...         super().__init__()

@@ -6,6 +6,7 @@ import copy
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,19 @@ def test_the_child_loads_neither_torch_nor_lightning() -> None:
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_the_figures_are_written_after_the_training_process_exits(tmp_path: Path) -> None:
+    code = (
+        "import numpy as np; from lightning_spacefold.figure_process import FigureProcess; "
+        f"views = {{'from_start': np.zeros((1, 3)), 'walked': np.zeros((1, 3)), 'chi': np.zeros(1), "
+        "'layer_names': ['a'], 'layer_values': np.zeros(1), 'class_pairs': None}; "
+        f"figures = FigureProcess(); figures.submit([{str(tmp_path)!r}], 1, 'spacefold', views); "
+        f"figures.submit([{str(tmp_path)!r}], 2, 'spacefold', views)"  # and exits without waiting
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for _ in range(600):  # the orphaned child finishes on its own
+        if (tmp_path / "figures").exists() and images(tmp_path).get("spacefold/layers") == [1, 2]:
+            break
+        time.sleep(0.1)
+    assert images(tmp_path) == {"spacefold/example_paths": [1, 2], "spacefold/layers": [1, 2]}
