@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import csv
 import random
+import time
 import warnings
 from pathlib import Path
 
@@ -160,6 +161,24 @@ def test_figures_every_few_measurements_and_at_the_last_step(tmp_path: Path) -> 
     assert [event.step for event in figures.Images("spacefold/layers")] == [0, 6, 10]
     with pytest.raises(ValueError, match="figures_every_n_measurements"):
         SpaceFoldingCallback(figures_every_n_measurements=0)
+
+
+def test_under_ddp_process_zero_alone_hands_over_the_figures(tmp_path: Path) -> None:
+    callback = SpaceFoldingCallback(every_n_train_steps=2, num_pairs=6, steps=8, probe_size=20)
+    trainer(tmp_path, callback, max_steps=2, devices=2, strategy="ddp_spawn").fit(
+        Classifier(lr=0.0), datamodule=Blobs()
+    )
+    # The spawned process 0 started a figure process of its own, which finishes by itself after the fit.
+    folder = tmp_path / "tb" / "version_0" / "figures"
+    for _ in range(600):
+        files = list(folder.glob("events.out.tfevents.*"))
+        drawn = events(folder).Tags()["images"] if files else []
+        if "spacefold/layers" in drawn and len(events(folder).Images("spacefold/layers")) == 2:
+            break
+        time.sleep(0.1)
+    assert len(files) == 1
+    for tag in ("spacefold/example_paths", "spacefold/layers", "spacefold/class_pairs"):
+        assert [event.step for event in events(folder).Images(tag)] == [0, 2], tag
 
 
 def test_logged_values_equal_a_direct_measurement(tmp_path: Path) -> None:
