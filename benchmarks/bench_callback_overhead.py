@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+from common import parse_with_threads
 from digits import DigitsDataModule, MLPClassifier
 
 from lightning_spacefold import SpaceFoldingCallback
@@ -85,10 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, help="torch threads of the training process (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
     fit(1, TimedCallback())  # warm-up: imports (TensorBoard, matplotlib), first allocations
     ratios: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
     shares: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}

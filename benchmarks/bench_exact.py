@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import best_times, mlp
+from common import best_times, mlp, parse_with_threads
 
 from lightning_spacefold import path_folding
 
@@ -21,12 +21,7 @@ from lightning_spacefold import path_folding
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer pairs and repeats, steps up to 2**14")
-    parser.add_argument(
-        "--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a busy machine"
-    )
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
     torch.manual_seed(0)
     pairs, repeats, most_steps = (16, 2, 2**14) if args.quick else (64, 5, 2**17)
     model = mlp()

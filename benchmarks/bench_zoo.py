@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from common import fold_over_forward, repeat_times
+from common import fold_over_forward, parse_with_threads, repeat_times
 from torch import Tensor, nn
 
 from lightning_spacefold import find_layers, path_folding
@@ -407,12 +407,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     parser.add_argument("--paths", type=int, default=PATHS, help=f"paths for fold/forward (default {PATHS})")
     parser.add_argument("--no-exact", action="store_true", help="skip the exact/floor ratio")
-    parser.add_argument(
-        "--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a busy machine"
-    )
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
     networks = None if args.networks is None else [name.strip() for name in args.networks.split(",") if name.strip()]
     run(args.device, args.quick, networks, args.repeats, False if args.no_exact else None, args.paths)
 

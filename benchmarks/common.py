@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from typing import Any
@@ -107,3 +108,14 @@ def fold_over_forward(
     best = [min(column) for column in zip(*times, strict=True)]
     labels = ["one batch" if size == len(points) else f"batches of {size}" for size in batch_sizes]
     return [fold / min(plain_times) for fold, *plain_times in times], best[0], dict(zip(labels, best[1:], strict=True))
+
+
+def parse_with_threads(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the command line with a ``--threads N`` option (torch threads), applied before returning."""
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a busy machine"
+    )
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args

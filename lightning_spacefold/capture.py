@@ -225,6 +225,7 @@ class _Capture:
         self.transform = transform
         self.select = select
         self.expected = expected
+        self.expected_names = None if expected is None else [layer.name for layer in expected]
         self.module_stack: list[_Frame] = []
         self.activation_depth = 0
         self.gated_depth = 0  # inside a declared gated MLP, whose own activation calls are not layers
@@ -262,8 +263,7 @@ class _Capture:
 
     def check_pass(self) -> None:
         """After a forward pass: raise :class:`LayersChangedError` unless it ran exactly the expected layers."""
-        expected = self.expected
-        if expected is not None and self.names != [layer.name for layer in expected]:
+        if self.expected_names is not None and self.names != self.expected_names:
             self.raise_changed()
 
     def raise_changed(self) -> None:

@@ -7,10 +7,11 @@ patterns and each layer's running range and length are kept.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -40,11 +41,14 @@ __all__ = [
     "path_patterns",
     "segment_points",
     "select_layers",
+    "with_known_layers",
 ]
 
 MIN_BATCH_SIZE = 64
 MAX_BATCH_SIZE = 8192
 
+
+T = TypeVar("T")
 
 Forward = Callable[[Tensor], Any]
 """A function that maps a batch of path points to the network's outputs, with the model's layers inside."""
@@ -64,9 +68,8 @@ def discover_layers(
         ends: Path ends, same shape.
         forward: As in :func:`path_folding`.
         reuse: Return the layers found last time for this model and inputs of this shape, dtype and device without
-            running it (a forward pass on two points costs up to a quarter of a measurement). The caller must then
-            run its passes with ``capture_activations(..., expected=layers)`` and, on
-            :class:`~lightning_spacefold.capture.LayersChangedError`, discover again without ``reuse``.
+            running it (a forward pass on two points costs up to a quarter of a measurement); use it through
+            :func:`with_known_layers`, which checks them.
     """
     key = (starts.shape[1:], starts.dtype, starts.device)
     if reuse:
@@ -80,6 +83,21 @@ def discover_layers(
 
 _KNOWN_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, list[LayerInfo]]] = weakref.WeakKeyDictionary()
 """The layers :func:`discover_layers` found last, per model (weakly: forgotten with the model)."""
+
+
+def with_known_layers(
+    measure: Callable[[list[LayerInfo]], T], model: nn.Module, starts: Tensor, ends: Tensor, forward: Forward | None
+) -> T:
+    """``measure(layers)`` with the model's activation layers, found once and reused by later measurements.
+
+    ``measure`` must run its forward passes with ``capture_activations(..., expected=layers)``. When they run other
+    layers (a module was replaced since the layers were found), the layers are found again and ``measure`` runs once
+    more; a second mismatch is data-dependent control flow, and its ``LayersChangedError`` propagates.
+    """
+    try:
+        return measure(discover_layers(model, starts, ends, forward, reuse=True))
+    except LayersChangedError:
+        return measure(discover_layers(model, starts, ends, forward))
 
 
 def segment_points(starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
@@ -252,12 +270,10 @@ def path_folding(
             return exact_folding(
                 model, starts, ends, found, selected, batch_size or default_batch_size(found, starts), forward
             )
-    try:
-        return _sampled_folding(model, starts, ends, steps, layers, batch_size, return_distances, forward, reuse=True)
-    except LayersChangedError:
-        # The layers found before describe the model no more (a module was replaced): find them again; a second
-        # mismatch is data-dependent control flow and raises.
-        return _sampled_folding(model, starts, ends, steps, layers, batch_size, return_distances, forward, reuse=False)
+    measure = functools.partial(
+        _sampled_folding, model, starts, ends, steps, layers, batch_size, return_distances, forward
+    )
+    return with_known_layers(measure, model, starts, ends, forward)
 
 
 def _sampled_folding(
@@ -269,9 +285,8 @@ def _sampled_folding(
     batch_size: int | None,
     return_distances: bool,
     forward: Forward | None,
-    reuse: bool,
+    found: list[LayerInfo],
 ) -> FoldingResult:
-    found = discover_layers(model, starts, ends, forward, reuse=reuse)
     selected = select_layers(model, [layer.name for layer in found], layers)
     names = [found[index].name for index in selected]
     batch_size = default_batch_size(found, starts) if batch_size is None else batch_size

@@ -55,6 +55,7 @@ layer in train mode draws a different mask for every point, which makes patterns
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -66,7 +67,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from lightning_spacefold.capture import (
     ActivationRule,
-    LayersChangedError,
+    LayerInfo,
     capture_activations,
     check_batch_first,
     has_functional_layers,
@@ -74,9 +75,9 @@ from lightning_spacefold.capture import (
 from lightning_spacefold.folding import (
     Forward,
     check_path_arguments,
-    discover_layers,
     segment_points,
     select_layers,
+    with_known_layers,
 )
 
 __all__ = ["SCHEDULES", "folding_penalty", "regularization_weight", "soft_folding"]
@@ -153,10 +154,8 @@ def soft_folding(
     for name, value in (("temperature", temperature), ("smooth_max", smooth_max), ("eps", eps)):
         _check_positive(name, value)
     arguments = (model, starts, ends, steps, temperature, layers, smooth_max, eps, forward)
-    try:
-        return _soft_folding(*arguments, reuse=True)
-    except LayersChangedError:
-        return _soft_folding(*arguments, reuse=False)  # a module was replaced since the layers were found
+    measure = functools.partial(_soft_folding, *arguments)
+    return with_known_layers(measure, model, starts, ends, forward)
 
 
 def _soft_folding(
@@ -169,9 +168,8 @@ def _soft_folding(
     smooth_max: float,
     eps: float,
     forward: Forward | None,
-    reuse: bool,
+    found: list[LayerInfo],
 ) -> Tensor:
-    found = discover_layers(model, starts, ends, forward, reuse=reuse)
     selected = select_layers(model, [layer.name for layer in found], layers)
 
     num_paths, num_points = len(starts), steps + 1

@@ -7,6 +7,7 @@ import csv
 import random
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -368,26 +369,49 @@ def read_csv_metrics(directory: Path) -> dict[int, dict[str, float]]:
     return rows
 
 
-@pytest.mark.parametrize("pairing", ["class", "centroid"])
-def test_ddp_two_processes_log_the_same_values_as_one(tmp_path: Path, pairing: str) -> None:
+def logged_on_one_and_two_processes(
+    tmp_path: Path,
+    make_callback: Callable[[], SpaceFoldingCallback],
+    fit: Callable[[pl.Trainer], object],
+    extra_callbacks: Callable[[SpaceFoldingCallback], list[pl.Callback]] = lambda _callback: [],
+    **trainer_kwargs: object,
+) -> tuple[list[dict[int, dict[str, float]]], list[SpaceFoldingCallback]]:
+    """The CSV-logged values and the callbacks of the same 2-step fit on one process and on two (``ddp_spawn``)."""
     logged, callbacks = [], []
     for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
         torch.manual_seed(0)
-        callback = SpaceFoldingCallback(
-            every_n_train_steps=2, num_pairs=14, steps=16, probe_size=30, pairing=pairing, centroids_per_class=2
-        )
+        callback = make_callback()
         directory = tmp_path / f"devices{devices}"
-        trainer(
+        run = trainer(
             directory,
             callback,
             max_steps=2,
             devices=devices,
             strategy=strategy,
             logger=CSVLogger(directory),
-            callbacks=[callback, SavesResult(callback, tmp_path)],
-        ).fit(Classifier(lr=0.0), datamodule=Blobs())
+            callbacks=[callback, *extra_callbacks(callback)],
+            **trainer_kwargs,
+        )
+        fit(run)
         logged.append(read_csv_metrics(directory))
         callbacks.append(callback)
+    return logged, callbacks
+
+
+def fit_blobs(run: pl.Trainer) -> None:
+    run.fit(Classifier(lr=0.0), datamodule=Blobs())
+
+
+@pytest.mark.parametrize("pairing", ["class", "centroid"])
+def test_ddp_two_processes_log_the_same_values_as_one(tmp_path: Path, pairing: str) -> None:
+    logged, callbacks = logged_on_one_and_two_processes(
+        tmp_path,
+        lambda: SpaceFoldingCallback(
+            every_n_train_steps=2, num_pairs=14, steps=16, probe_size=30, pairing=pairing, centroids_per_class=2
+        ),
+        fit_blobs,
+        extra_callbacks=lambda callback: [SavesResult(callback, tmp_path)],
+    )
     assert set(logged[0]) == {0, 2}
     assert logged[0].keys() == logged[1].keys()
     for step in logged[0]:
@@ -405,17 +429,13 @@ SEED = 6  # the seed whose one random pair folds (chi = 1/4) through Classifier(
 
 
 def test_ddp_process_without_pairs_joins_the_sync(tmp_path: Path) -> None:
-    logged = []
-    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
-        torch.manual_seed(0)
-        callback = SpaceFoldingCallback(
+    logged, _ = logged_on_one_and_two_processes(
+        tmp_path,
+        lambda: SpaceFoldingCallback(
             every_n_train_steps=2, num_pairs=1, steps=16, probe_size=30, pairing="random", log_figures=False, seed=SEED
-        )
-        directory = tmp_path / f"devices{devices}"
-        trainer(directory, callback, max_steps=2, devices=devices, strategy=strategy, logger=CSVLogger(directory)).fit(
-            Classifier(lr=0.0), datamodule=Blobs()
-        )
-        logged.append(read_csv_metrics(directory))
+        ),
+        fit_blobs,
+    )
     assert set(logged[0]) == set(logged[1]) == {0, 2}
     assert logged[0][2]["spacefold/folding"] == 0.25  # a value that a process leaving its pair out would change
     for step, values in logged[0].items():

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,7 +22,7 @@ from lightning_spacefold import (
     register_swiglu,
     soft_folding,
 )
-from tests.test_callback import read_csv_metrics, trainer
+from tests.test_callback import logged_on_one_and_two_processes, trainer
 from tests.test_finite import tent
 
 
@@ -288,22 +287,14 @@ def test_llama_swiglu_units_are_the_products_signs() -> None:
 
 @pytest.mark.timeout(180)
 def test_ddp_between_embeddings_logs_the_same_values_as_one(tmp_path: Path) -> None:
-    logged = []
-    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
-        callback = between_embeddings(
+    logged, _ = logged_on_one_and_two_processes(
+        tmp_path,
+        lambda: between_embeddings(
             every_n_train_steps=2, num_pairs=6, pairing="class", include_same_class=False, log_figures=False
-        )
-        directory = tmp_path / f"devices{devices}"
-        trainer(
-            directory,
-            callback,
-            max_steps=2,
-            devices=devices,
-            strategy=strategy,
-            logger=CSVLogger(directory),
-            limit_val_batches=0,
-        ).fit(TokenTent(), train_dataloaders=token_data())
-        logged.append(read_csv_metrics(directory))
+        ),
+        lambda run: run.fit(TokenTent(), train_dataloaders=token_data()),
+        limit_val_batches=0,
+    )
     # All 6 ordered class pairs of the three tokens: chi 1/4 and 1/2 for 0 <-> 1, 0 for the other four.
     assert logged[0][2]["spacefold/folding"] == pytest.approx(0.125)
     assert logged[1] == logged[0]
