@@ -322,11 +322,8 @@ class SpaceFoldingCallback(Callback):
         self._failures = FailureReporter()
         self._loss_term: TrainingLossTerm | None = None
         self._figures = FigureProcess()  # draws the figures beside training
-
-    @property
-    def state_key(self) -> str:
-        """Key of the callback's state in a checkpoint: distinct for every measuring configuration."""
-        return self._generate_state_key(
+        # Lightning reads the key at every hook call: built once, from the configuration validated above.
+        self._state_key = self._generate_state_key(
             every_n_train_steps=self.every_n_train_steps,
             every_n_epochs=self.every_n_epochs,
             num_pairs=self.num_pairs,
@@ -347,6 +344,11 @@ class SpaceFoldingCallback(Callback):
             reg_pairs=self.reg_pairs,
             reg_num_pairs=self.reg_num_pairs,
         )
+
+    @property
+    def state_key(self) -> str:
+        """Key of the callback's state in a checkpoint: distinct for every measuring configuration."""
+        return self._state_key
 
     # --- when to measure ------------------------------------------------------------------------------------------
 

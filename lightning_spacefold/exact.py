@@ -25,7 +25,7 @@ the result.
 
 Memory. Each path is resolved from left to right: as soon as no interval before a point is pending, the point's
 pattern is streamed into the running ranges and lengths (as in ``path_folding``) and dropped. What is kept per
-unresolved point is its packed pattern of the selected layers (``pack_bits``) and four numbers per layer, and only
+unresolved point is its packed pattern of the selected layers (``pack_words``) and four numbers per layer, and only
 the unresolved front of each path is kept: a few times ``batch_size`` points in practice, not the total number of
 regions (an MLP with 64 paths of about 180 regions each kept at most 545 points with ``batch_size=64``).
 
@@ -80,7 +80,7 @@ from lightning_spacefold.capture import (
     has_functional_layers,
 )
 from lightning_spacefold.finite import FiniteCheck
-from lightning_spacefold.measure import folding_from_ranges, pack_bits, step_distances, unpack_bits
+from lightning_spacefold.measure import folding_from_ranges, pack_words, popcount, segment_sums
 from lightning_spacefold.result import FoldingResult
 
 __all__ = ["CONSISTENCY_TOLERANCE", "TIME_TOLERANCE", "exact_folding"]
@@ -120,7 +120,7 @@ class _Points:
         t: Position on the segment, float64 ``[N]``.
         ahead: End of the point's region ahead (first crossing), float64 ``[N]``, at most 1.
         behind: Start of the point's region behind (last crossing), float64 ``[N]``, at least 0.
-        pattern: Bits of the selected layers, each layer packed on its own, ``uint8 [N, bytes]``.
+        pattern: Bits of the selected layers, each layer packed on its own, ``int64 [N, words]``.
         prints: Per layer up to the last selected one, the pre-activation ``z`` and its slope ``dz`` projected on a
             fixed random direction ``d`` of standard normal entries, and their norms: ``(z . d, |z|, dz . d, |dz|)``,
             float64 ``[N, L, 4]``.
@@ -175,7 +175,7 @@ def _crossings(gap: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
     """
     # Zero is reached at tau = -1 / rate: ahead for a negative rate, behind for a positive one; +-inf for a function
     # at zero; 0 / 0 (at zero and not moving) never crosses. Four passes over the units in all.
-    rate = torch.nan_to_num(slope / gap, nan=0.0, posinf=math.inf, neginf=-math.inf)
+    rate = (slope / gap).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)  # in place: no second temporary
     fastest_down, ahead_unit = rate.min(1)
     fastest_up, behind_unit = rate.max(1)
 
@@ -287,7 +287,7 @@ class _Probe:
         for kink in sorted({0.0, *rule.kinks}):  # 0: where the bit flips, kink or not
             self._constrain(z - kink if kink else z, dz)
         if position in self.selected:
-            self.bits.append(pack_bits(rule.bits(value).reshape(self.num_points, -1)))
+            self.bits.append(pack_words(rule.bits(value).reshape(self.num_points, -1)))
         direction = self.projections[position]
         summary = [
             z @ direction,
@@ -389,46 +389,33 @@ class _Tally:
     """Running range and length of every path, per selected layer, fed points in ``t`` order.
 
     Args:
-        start: Packed start pattern of each path, ``[P, bytes]``.
-        layout: Per selected layer, its byte slice of the packed pattern and its number of units.
-        batch_size: Points unpacked at a time.
+        start: Packed start pattern of each path, ``int64 [P, words]`` (``measure.pack_words``).
+        widths: Words of each selected layer, in the order they are concatenated.
     """
 
-    def __init__(self, start: Tensor, layout: list[tuple[slice, int]], batch_size: int) -> None:
+    def __init__(self, start: Tensor, widths: list[int]) -> None:
         self.start = start
         self.previous = start.clone()
-        self.layout = layout
-        self.batch_size = batch_size
+        self.widths = widths
         num_paths, device = len(start), start.device
-        self.layer_r1 = torch.zeros(len(layout), num_paths, dtype=torch.int64, device=device)
+        self.layer_r1 = torch.zeros(num_paths, len(widths), dtype=torch.int64, device=device)
         self.layer_r2 = torch.zeros_like(self.layer_r1)
         self.r1 = torch.zeros(num_paths, dtype=torch.int64, device=device)
         self.changes = torch.zeros_like(self.r1)
 
     def add(self, path: Tensor, pattern: Tensor) -> None:
         """Append points (sorted by path, then ``t``, continuing where each path stopped) to their paths."""
-        for begin in range(0, len(path), self.batch_size):
-            self._add(path[begin : begin + self.batch_size], pattern[begin : begin + self.batch_size])
-
-    def _add(self, path: Tensor, pattern: Tensor) -> None:
         first = torch.ones_like(path, dtype=torch.bool)
         first[1:] = path[1:] != path[:-1]
-        from_start = torch.zeros_like(path, dtype=torch.int32)
-        from_previous = torch.zeros_like(from_start)
-        for layer, (columns, num_units) in enumerate(self.layout):
-            bits = unpack_bits(pattern[:, columns], num_units)
-            # Each point's predecessor is the row before it, or for a path's first row the last point streamed.
-            previous = bits.roll(1, 0)
-            previous[first] = unpack_bits(self.previous[path[first], columns], num_units)
-            layer_from_start, layer_from_previous = step_distances(
-                bits.unsqueeze(1), unpack_bits(self.start[path, columns], num_units), previous
-            )
-            self.layer_r1[layer].scatter_reduce_(0, path, layer_from_start[:, 0].long(), "amax")
-            self.layer_r2[layer].index_add_(0, path, layer_from_previous[:, 0].long())
-            from_start += layer_from_start[:, 0]
-            from_previous += layer_from_previous[:, 0]
-        self.r1.scatter_reduce_(0, path, from_start.long(), "amax")
-        self.changes.index_add_(0, path, (from_previous > 0).long())
+        # Each point's predecessor is the row before it, or for a path's first row the last point streamed.
+        previous = pattern.roll(1, 0)
+        previous[first] = self.previous[path[first]]
+        changed = popcount(torch.stack([pattern ^ self.start[path], pattern ^ previous]))  # one call for both
+        from_start, from_previous = segment_sums(changed, self.widths).unbind(0)  # [points, layers] each
+        self.layer_r1.scatter_reduce_(0, path[:, None].expand_as(from_start), from_start, "amax")
+        self.layer_r2.index_add_(0, path, from_previous)
+        self.r1.scatter_reduce_(0, path, from_start.sum(1), "amax")
+        self.changes.index_add_(0, path, (from_previous.sum(1) > 0).long())
         last = torch.ones_like(first)
         last[:-1] = first[1:]
         self.previous[path[last]] = pattern[last]
@@ -547,9 +534,7 @@ def exact_folding(
     consistency_tolerance = CONSISTENCY_TOLERANCE.get(starts.dtype, CONSISTENCY_TOLERANCE[torch.float16])
     device = starts.device
     segments = (starts.double(), ends.double())
-    widths = [math.ceil(layers[index].num_units / 8) for index in selected]
-    offsets = [0, *itertools.accumulate(widths)]
-    layout = [(slice(offsets[k], offsets[k + 1]), layers[index].num_units) for k, index in enumerate(selected)]
+    widths = [math.ceil(layers[index].num_units / 64) for index in selected]
     names = [layer.name for layer in layers[: last + 1]]
 
     run = model if forward is None else forward
@@ -568,7 +553,7 @@ def exact_folding(
                 return _evaluate(run, capture, probe, segments, path, t, batch_size, starts.dtype)
 
             points = evaluate(*_initial_points(len(starts), batch_size, device))
-            tally = _Tally(points.pattern[points.t == 0], layout, batch_size)
+            tally = _Tally(points.pattern[points.t == 0], widths)
             while True:
                 same_path = points.path[1:] == points.path[:-1]
                 pending = same_path & (points.behind[1:] - points.ahead[:-1] > time_tolerance)
@@ -590,7 +575,7 @@ def exact_folding(
                 new = evaluate(points.path[chosen], gap_start + _SPLIT * (gap_end - gap_start))
                 points = points.insert(chosen, new)
 
-    layer_r1, layer_r2 = tally.layer_r1.T, tally.layer_r2.T
+    layer_r1, layer_r2 = tally.layer_r1, tally.layer_r2
     r2 = layer_r2.sum(-1)
     return FoldingResult(
         chi=folding_from_ranges(tally.r1, r2),

@@ -155,10 +155,18 @@ def _load_figures() -> ModuleType:
     return module
 
 
+def _lowest_priority() -> None:
+    """Let this process run only on a core that training leaves idle."""
+    try:  # Linux: a SCHED_IDLE process yields at once to any other, also on the training's own cores
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        if hasattr(os, "nice"):
+            os.nice(19)
+
+
 def main() -> None:
     """The child: read ``(log_dirs, step, prefix, views)`` messages from standard input until it closes."""
-    if hasattr(os, "nice"):
-        os.nice(19)  # the lowest priority: training first, figures when a core is free
+    _lowest_priority()
     writer = FigureWriter(_load_figures().measurement_figures)
     try:
         while True:

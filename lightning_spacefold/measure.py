@@ -20,12 +20,10 @@ __all__ = [
     "folding_from_ranges",
     "count_ones",
     "interaction_profile",
-    "pack_bits",
     "pack_words",
     "popcount",
     "segment_sums",
     "step_distances",
-    "unpack_bits",
     "symmetric_fold_measure",
 ]
 
@@ -44,33 +42,6 @@ def _as_patterns(patterns: Tensor) -> Tensor:
     if not bool(((patterns == 0) | (patterns == 1)).all()):
         raise ValueError("`patterns` must be boolean or hold only 0 and 1; binarise activations first (z > 0).")
     return patterns != 0
-
-
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def _bit_weights(device: torch.device) -> Tensor:
-    return torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
-
-
-def pack_bits(bits: Tensor) -> Tensor:
-    """Pack boolean patterns eight units to a byte, for storage (the last dimension is padded with zeros).
-
-    Args:
-        bits: Boolean tensor ``[..., M]``.
-
-    Returns:
-        ``uint8`` tensor ``[..., ceil(M / 8)]``; :func:`unpack_bits` inverts it.
-    """
-    padding = -bits.shape[-1] % 8
-    if padding:
-        bits = torch.nn.functional.pad(bits, (0, padding))
-    return (bits.unflatten(-1, (-1, 8)).to(torch.uint8) * _bit_weights(bits.device)).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, num_units: int) -> Tensor:
-    """Boolean patterns ``[..., num_units]`` from :func:`pack_bits` output ``[..., ceil(num_units / 8)]``."""
-    return ((packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0).flatten(-2)[..., :num_units]
 
 
 def count_ones(bits: Tensor) -> Tensor:

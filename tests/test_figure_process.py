@@ -79,14 +79,21 @@ def test_copies_start_their_own_child(tmp_path: Path) -> None:
     figures.wait()
 
 
-def test_the_child_loads_neither_torch_nor_lightning() -> None:
+def after_the_child(expression: str) -> str:
+    """What ``expression`` prints in a Python process that has run the child's script to its end (no input)."""
     code = (
-        "import runpy, sys; sys.stdin = open('/dev/null'); "
-        f"runpy.run_path({figure_process.__file__!r}, run_name='__main__'); "
-        "print(sorted(name for name in ('torch', 'lightning') if name in sys.modules))"
+        "import os, runpy, sys; sys.stdin = open('/dev/null'); "
+        f"runpy.run_path({figure_process.__file__!r}, run_name='__main__'); print({expression})"
     )
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert output.strip() == "[]"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_child_loads_neither_torch_nor_lightning() -> None:
+    assert after_the_child("sorted(name for name in ('torch', 'lightning') if name in sys.modules)") == "[]"
+
+
+def test_the_child_runs_only_when_a_core_is_idle() -> None:
+    assert after_the_child("os.sched_getscheduler(0) == os.SCHED_IDLE") == "True"
 
 
 def test_the_figures_are_written_after_the_training_process_exits(tmp_path: Path) -> None:
