@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_spacefold import FoldingResult, path_folding
+from lightning_spacefold.exact import _Tally
 
 # A prime step count for dense sampling: t = i / steps is no simple fraction (as the breakpoints of the hand-built
 # networks are) other than 0 and 1, so no sample lands exactly on a breakpoint.
@@ -410,3 +411,20 @@ def test_max_pool_called_directly_on_torch() -> None:
     model = DirectPool().double()
     starts, ends = torch.randn(2, 3, 1, 8, dtype=torch.float64) * 2
     assert_same_walk(exact(model, starts, ends), path_folding(model, starts, ends, steps=DENSE_STEPS))
+
+
+def test_tally_streams_packed_patterns_by_hand() -> None:
+    # Two layers of one word each; patterns as (layer A, layer B) words. Path 0: (0,0) (1,0) | (3,1) (1,1);
+    # path 1: (1,1) | (1,1) (0,1); "|" splits the two calls, so each path's first point of the second call follows
+    # the last one streamed before it. Path 0 from its start: A 0,1,2,1 and B 0,0,1,1 (whole 0,1,3,2); steps: A
+    # 1,1,1 and B 0,1,0 (3 changes). Path 1 from its start: A 0,0,1, B 0; steps: A 0,1 (1 change).
+    def words(*pairs: tuple[int, int]) -> torch.Tensor:
+        return torch.tensor(pairs, dtype=torch.int64)
+
+    tally = _Tally(words((0, 0), (1, 1)), widths=[1, 1])
+    tally.add(torch.tensor([0, 0, 1]), words((0, 0), (1, 0), (1, 1)))
+    tally.add(torch.tensor([0, 0, 1, 1]), words((3, 1), (1, 1), (1, 1), (0, 1)))
+    assert tally.layer_r1.tolist() == [[2, 1], [1, 0]]
+    assert tally.layer_r2.tolist() == [[3, 1], [1, 0]]
+    assert tally.r1.tolist() == [3, 1]
+    assert tally.changes.tolist() == [3, 1]
