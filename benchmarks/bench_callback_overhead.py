@@ -51,9 +51,11 @@ CONFIGURATIONS: dict[str, dict[str, object]] = {
 
 @dataclass
 class FitTimes:
-    """One fit: its seconds, and the CPU seconds of its figure process."""
+    """One fit: its seconds, the seconds until its figure process had written the last figure, and that process's
+    CPU seconds (0 without one)."""
 
     wall: float
+    until_figures: float = 0.0
     figures_cpu: float = 0.0
 
 
@@ -75,7 +77,7 @@ def fit(epochs: int, callback: TimedCallback | EmptyCallback | None) -> FitTimes
         times = FitTimes(time.perf_counter() - begin)
         if callback is not None:
             callback.wait_for_figures()  # the figure process finishes after the fit; not in the fit's time
-            callback.figures_seconds = time.perf_counter() - begin
+            times.until_figures = time.perf_counter() - begin
             children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the figure process, reaped by the wait
             times.figures_cpu = sum(
                 getattr(children, field) - getattr(children_before, field) for field in ("ru_utime", "ru_stime")
@@ -84,9 +86,9 @@ def fit(epochs: int, callback: TimedCallback | EmptyCallback | None) -> FitTimes
 
 
 class EmptyCallback(pl.Callback):
-    """A callback whose hooks do nothing, with TimedCallback's stopwatch fields."""
+    """A callback whose hooks do nothing, with TimedCallback's stopwatch."""
 
-    seconds, count, figures_seconds = 0.0, 0, 0.0
+    seconds = 0.0
 
     def wait_for_figures(self) -> None:
         pass
@@ -98,7 +100,6 @@ class TimedCallback(SpaceFoldingCallback):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.seconds, self.count = 0.0, 0
-        self.figures_seconds = 0.0  # from the start of the fit until the last figure was written
 
     def _measure(self, *args: object) -> None:
         begin = time.perf_counter()
@@ -132,7 +133,7 @@ def main() -> None:
     schedule = ""
     runs = [None, *args.configurations]  # None: without the callback
     for repeat in range(args.repeats):
-        figures_seconds = 0.0
+        until_figures = 0.0
         for name in runs[repeat % len(runs) :] + runs[: repeat % len(runs)]:  # each in every place of the order
             if name is None:
                 plain_fits.append(fit(args.epochs, None))
@@ -142,10 +143,10 @@ def main() -> None:
             fits[name].append(times)
             shares[name].append(callback.seconds / times.wall)
             if name == "defaults":
-                figures_seconds = callback.figures_seconds
+                until_figures = times.until_figures
                 schedule = f"; default schedule: {callback.count} measurements of 64 pairs x 64 steps"
-        if figures_seconds:
-            with_figures.append(figures_seconds / plain_fits[-1].wall)
+        if until_figures:
+            with_figures.append(until_figures / plain_fits[-1].wall)
     print(
         f"digits MLP 64-32x3-10, {args.epochs} epochs (22 steps each), TensorBoard logger, {args.repeats} repeats, "
         f"{torch.get_num_threads()} torch threads on {os.cpu_count()} cores{schedule}"

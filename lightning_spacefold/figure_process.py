@@ -102,9 +102,9 @@ class FigureProcess:
     def submit(self, log_dirs: Sequence[str], step: int, prefix: str, views: Mapping[str, Any]) -> None:
         """Have the figures of one measurement drawn and written (see :meth:`FigureWriter.write`)."""
         message = (list(log_dirs), step, prefix, dict(views))
-        if self._here is None and self._send(message):
-            return
         if self._here is None:
+            if self._send(message):
+                return
             from lightning_spacefold.figures import measurement_figures
 
             warnings.warn(

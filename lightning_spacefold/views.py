@@ -20,9 +20,13 @@ __all__ = ["PREFIX", "add_custom_scalars", "figure_views", "has_tensorboard", "l
 PREFIX = "spacefold"
 
 
+def _tensorboard_loggers(loggers: Sequence[Logger]) -> list[TensorBoardLogger]:
+    return [logger for logger in loggers if isinstance(logger, TensorBoardLogger)]
+
+
 def has_tensorboard(loggers: Sequence[Logger]) -> bool:
     """Whether any of the loggers writes TensorBoard event files."""
-    return any(isinstance(logger, TensorBoardLogger) for logger in loggers)
+    return bool(_tensorboard_loggers(loggers))
 
 
 def figure_views(values: dict[str, Tensor], example_patterns: Tensor) -> dict[str, Any]:
@@ -50,14 +54,13 @@ def figure_views(values: dict[str, Tensor], example_patterns: Tensor) -> dict[st
 
 def tensorboard_dirs(loggers: Sequence[Logger]) -> list[str]:
     """The directories of the TensorBoard loggers among ``loggers``."""
-    return [logger.log_dir for logger in loggers if isinstance(logger, TensorBoardLogger)]
+    return [logger.log_dir for logger in _tensorboard_loggers(loggers)]
 
 
 def log_histogram(loggers: Sequence[Logger], step: int, all_chi: Tensor) -> None:
     """Write the histogram of ``all_chi`` (``[P]``, every path of a measurement) to every TensorBoard logger."""
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_histogram(f"{PREFIX}/chi", all_chi.float().cpu(), step)
+    for logger in _tensorboard_loggers(loggers):
+        logger.experiment.add_histogram(f"{PREFIX}/chi", all_chi.float().cpu(), step)
 
 
 def add_custom_scalars(loggers: Sequence[Logger], layer_names: Sequence[str]) -> None:
@@ -71,6 +74,5 @@ def add_custom_scalars(loggers: Sequence[Logger], layer_names: Sequence[str]) ->
             "layers": ["Multiline", [f"{PREFIX}/layer/{name}" for name in layer_names]],
         }
     }
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_custom_scalars(layout)
+    for logger in _tensorboard_loggers(loggers):
+        logger.experiment.add_custom_scalars(layout)
