@@ -7,11 +7,13 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_spacefold import FoldingResult, path_folding
-from lightning_spacefold.exact import _Tally
+from lightning_spacefold.exact import _crossings, _Tally, _TraversalOps
 
 # A prime step count for dense sampling: t = i / steps is no simple fraction (as the breakpoints of the hand-built
 # networks are) other than 0 and 1, so no sample lands exactly on a breakpoint.
@@ -428,3 +430,83 @@ def test_tally_streams_packed_patterns_by_hand() -> None:
     assert tally.layer_r2.tolist() == [[3, 1], [1, 0]]
     assert tally.r1.tolist() == [3, 1]
     assert tally.changes.tolist() == [3, 1]
+
+
+def test_crossings_by_hand() -> None:
+    # Rows of (gap, slope) pairs; zero is reached at tau = -gap / slope.
+    #   row 0: 1 - 2 tau (ahead 0.5), -2 + tau (ahead 2), 0.5 + tau (behind -0.5): ahead 0.5, behind -0.5;
+    #   row 1: 2 - tau (ahead 2), 0 + 0 tau (at zero, not moving: never crosses), 1 (not moving): ahead 2;
+    #   row 2: 0 + 3 tau: on a boundary, ahead = behind = 0.
+    gap = torch.tensor([[1.0, -2.0, 0.5], [2.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    slope = torch.tensor([[-2.0, 1.0, 1.0], [-1.0, 0.0, 0.0], [3.0, 1.0, -1.0]])
+    ahead, behind = _crossings(slope / gap)
+    assert ahead.dtype == torch.float64
+    assert ahead.tolist() == [0.5, 2.0, 0.0]
+    assert behind.tolist() == [-0.5, float("-inf"), 0.0]
+
+
+class ConvolutionCount(TorchDispatchMode):
+    """Counts the convolutions that reach the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket is torch.ops.aten.convolution
+        return func(*args, **(kwargs or {}))
+
+
+def eval_batch_norm(channels: int, affine: bool = True) -> nn.Module:
+    norm = nn.BatchNorm2d(channels, affine=affine)
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1.0, 1.0)
+        norm.running_var.uniform_(0.5, 2.0)
+        if affine:
+            norm.weight.uniform_(-1.5, 1.5)
+            norm.bias.uniform_(-1.0, 1.0)
+    return norm.eval()
+
+
+AFFINE_MAPS = {
+    "linear": (lambda: nn.Linear(5, 4), (3, 5)),
+    "linear-3d-input": (lambda: nn.Linear(5, 4, bias=False), (3, 2, 5)),
+    "conv1d": (lambda: nn.Conv1d(2, 3, 3, padding=1), (3, 2, 7)),
+    "conv2d-strided-no-bias": (lambda: nn.Conv2d(2, 3, 3, stride=2, bias=False), (3, 2, 7, 7)),
+    "conv3d": (lambda: nn.Conv3d(1, 2, 2), (3, 1, 3, 3, 3)),
+    "conv-transpose2d": (lambda: nn.ConvTranspose2d(2, 3, 2, stride=2), (3, 2, 4, 4)),
+    "batch-norm-eval": (lambda: eval_batch_norm(2), (3, 2, 4, 4)),
+    "batch-norm-eval-no-affine": (lambda: eval_batch_norm(2, affine=False), (3, 2, 4, 4)),
+    "batch-norm-batch-statistics": (lambda: nn.BatchNorm2d(2, track_running_stats=False).eval(), (3, 2, 4, 4)),
+    "batch-norm-training": (lambda: eval_batch_norm(2).train(), (3, 2, 4, 4)),
+    "functional-bias-keyword": (
+        lambda: lambda x: F.conv1d(x, torch.ones(3, 2, 2, dtype=x.dtype), bias=torch.arange(3.0, dtype=x.dtype)),
+        (3, 2, 5),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", AFFINE_MAPS)
+def test_traversal_tangents_equal_forward_mode_ad(name: str) -> None:
+    build, shape = AFFINE_MAPS[name]
+    torch.manual_seed(12)
+    function = build()
+    x, direction = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    if isinstance(function, nn.Module):
+        function.double()
+    with torch.no_grad(), fwAD.dual_level():
+        expected = fwAD.unpack_dual(function(fwAD.make_dual(x, direction)))  # PyTorch's forward-mode AD
+        with _TraversalOps(probe=None):
+            value, tangent = fwAD.unpack_dual(function(fwAD.make_dual(x, direction)))
+    torch.testing.assert_close(value, expected.primal)
+    torch.testing.assert_close(tangent, expected.tangent)
+
+
+def test_traversal_runs_each_convolution_once_on_the_points_and_once_on_their_tangents() -> None:
+    # PyTorch's forward-mode formula runs a third convolution, of the points with a zero weight tangent.
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU()).eval()
+    x = torch.randn(2, 1, 8, 8)
+    counter = ConvolutionCount()
+    with torch.no_grad(), fwAD.dual_level(), _TraversalOps(probe=None), counter:
+        model(fwAD.make_dual(x, torch.randn_like(x)))
+    assert counter.count == 4
