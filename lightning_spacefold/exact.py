@@ -490,7 +490,7 @@ _NAMED_LAYERS = 5
 def _require_piecewise_linear(
     model: nn.Module, run: Callable[[Tensor], Any], sample: Tensor, layers: list[LayerInfo], last: int
 ) -> None:
-    with capture_activations(model, lambda _position, _z, rule: rule) as capture:
+    with capture_activations(model, lambda _position, _z, rule: rule, expected=layers) as capture:
         run(sample)
     smooth = [
         f"{layer.name!r} ({layer.activation})"

@@ -263,17 +263,29 @@ def path_folding(
     if exact:
         if return_distances:
             raise ValueError("`return_distances` needs sampled points; it cannot be combined with `exact=True`.")
-        found = discover_layers(model, starts, ends, forward)
-        selected = select_layers(model, [layer.name for layer in found], layers)
-        # Crossing times need the model's own precision: bfloat16 breaks the affine models of the traversal.
-        with torch.autocast(starts.device.type, enabled=False):
-            return exact_folding(
-                model, starts, ends, found, selected, batch_size or default_batch_size(found, starts), forward
-            )
-    measure = functools.partial(
-        _sampled_folding, model, starts, ends, steps, layers, batch_size, return_distances, forward
-    )
+        measure = functools.partial(_exact_folding, model, starts, ends, layers, batch_size, forward)
+    else:
+        measure = functools.partial(
+            _sampled_folding, model, starts, ends, steps, layers, batch_size, return_distances, forward
+        )
     return with_known_layers(measure, model, starts, ends, forward)
+
+
+def _exact_folding(
+    model: nn.Module,
+    starts: Tensor,
+    ends: Tensor,
+    layers: Sequence[str] | None,
+    batch_size: int | None,
+    forward: Forward | None,
+    found: list[LayerInfo],
+) -> FoldingResult:
+    selected = select_layers(model, [layer.name for layer in found], layers)
+    # Crossing times need the model's own precision: bfloat16 breaks the affine models of the traversal.
+    with torch.autocast(starts.device.type, enabled=False):
+        return exact_folding(
+            model, starts, ends, found, selected, batch_size or default_batch_size(found, starts), forward
+        )
 
 
 def _sampled_folding(

@@ -299,6 +299,23 @@ def test_layers_found_once_are_reused_by_later_measurements() -> None:
     assert model.calls == 3
 
 
+def test_exact_traversal_reuses_the_layers_and_sees_a_replaced_module() -> None:
+    model = CountingForward(tent_switch_network())
+    starts, ends = torch.tensor([[0.25]]), torch.tensor([[1.75]])
+    first = path_folding(model, starts, ends, exact=True)
+    calls, model.calls = model.calls, 0
+    assert torch.equal(path_folding(model, starts, ends, exact=True).chi, first.chi)
+    assert model.calls == calls - 1  # the layers were not found again
+    # Patterns (a, b, c, relu(c)) of the four regions: 1000, 1011, 1111, 1100, so r1 = 3, r2 = 5.
+    model.inner.append(nn.ReLU())
+    added = path_folding(model, starts, ends, exact=True)
+    assert added.layer_names == ["inner.1", "inner.3", "inner.4"]
+    assert torch.allclose(added.chi, torch.tensor([1 - 3 / 5]))
+    model.inner[1] = nn.GELU()
+    with pytest.raises(ValueError, match=r"'inner\.1' \(GELU\) are smooth"):
+        path_folding(model, starts, ends, exact=True)
+
+
 def test_a_replaced_or_added_module_is_seen_by_the_next_measurement() -> None:
     model = tent_switch_network()
     starts, ends = torch.tensor([[0.25]]), torch.tensor([[1.75]])
