@@ -6,7 +6,8 @@ piece between consecutive breakpoints, then the pattern at ``t = 1`` exactly; ``
 as in :func:`~lightning_spacefold.path_folding` (specification, sections 2 and 3).
 
 Algorithm. Inside one linear region every pre-activation is affine in ``t``, so one forward pass in forward-mode
-AD along ``x2 - x1`` gives, at a point ``t``, each pre-activation ``z`` and its slope ``dz/dt``, hence the span
+AD along ``x2 - x1`` (linear layers, convolutions and eval-mode BatchNorm compute their tangents directly, in one
+call each) gives, at a point ``t``, each pre-activation ``z`` and its slope ``dz/dt``, hence the span
 ``[behind, ahead]`` of ``t`` around the point where nothing bends: the first crossing ahead and the last crossing
 behind, over every unit and every kink of its activation (and ``0``, where the bit flips), and over every max-pool
 window where another element would overtake the winner. For an interval ``[a, b]`` between two evaluated points:
@@ -335,18 +336,22 @@ def _no_tangent(*tensors: Any) -> bool:
     return all(not isinstance(x, Tensor) or fwAD.unpack_dual(x).tangent is None for x in tensors)
 
 
+# The arguments of F.batch_norm after its input.
+_BATCH_NORM_PARAMETERS = ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
 def _affine_tangent(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
     """The tangent of an affine map of the dual input ``args[0]``, computed in one call; ``None`` for other calls."""
-    if not args or fwAD.unpack_dual(args[0]).tangent is None:
+    tangent = fwAD.unpack_dual(args[0]).tangent if args else None
+    if tangent is None:
         return None
-    tangent = fwAD.unpack_dual(args[0]).tangent
     if func in _BIASED_LINEAR_MAPS and _no_tangent(*args[1:], *kwargs.values()):
         if len(args) > 2:
             args = (*args[:2], None, *args[3:])
         return func(tangent, *args[1:], **{**kwargs, "bias": None} if "bias" in kwargs else kwargs)
     if func is F.batch_norm:
         # In eval mode with running statistics batch norm is the affine map ``(x - mean) * weight / std + bias``.
-        named = {**dict(zip(_BATCH_NORM_ARGUMENTS[1:], args[1:], strict=False)), **kwargs}
+        named = {**dict(zip(_BATCH_NORM_PARAMETERS, args[1:], strict=False)), **kwargs}
         running_var, weight = named.get("running_var"), named.get("weight")
         if named.get("training", False) or running_var is None or not _no_tangent(*named.values()):
             return None
@@ -355,9 +360,6 @@ def _affine_tangent(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
             scale = scale * weight
         return tangent * scale.view(-1, *([1] * (tangent.ndim - 2)))
     return None
-
-
-_BATCH_NORM_ARGUMENTS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
 class _TraversalOps(TorchFunctionMode):
