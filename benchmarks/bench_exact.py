@@ -5,15 +5,19 @@ Run: python benchmarks/bench_exact.py [--quick] [--threads N]
 - time of exact folding / time of path_folding(steps=1024) on the same pairs (target <= 2x);
 - regions per path (mean and max): exact folding costs about one forward pass with tangents per region;
 - the step count dense sampling needs to reproduce the exact values: the smallest of 64, 128, ..., 2**17 steps
-  whose chi equals the exact chi on every path (stopping at the first that does).
+  whose chi equals the exact chi on every path (stopping at the first that does);
+- on the max-pool CNN of ``bench_path_folding.py`` (4 whole paths): exact time / dense sampling at as many steps as
+  regions per path (its floor: one point per region crossed), min/median/max over repeats run in turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 
 import torch
-from common import best_times, mlp, parse_with_threads
+from common import best_times, cnn, mlp, parse_with_threads, repeat_times
 
 from lightning_spacefold import path_folding
 
@@ -50,6 +54,30 @@ def main() -> None:
         steps *= 2
     else:
         print(f"dense sampling does not reach the exact chi on all paths within steps={most_steps}")
+
+    cnn_over_floor(paths=2 if args.quick else 4, repeats=repeats)
+
+
+def cnn_over_floor(paths: int, repeats: int) -> None:
+    torch.manual_seed(0)
+    model = cnn().eval()
+    starts, ends = torch.rand(paths, 1, 28, 28), torch.rand(paths, 1, 28, 28)
+    result = path_folding(model, starts, ends, exact=True)
+    floor_steps = math.ceil(result.regions.double().mean())
+    times = repeat_times(
+        [
+            lambda: path_folding(model, starts, ends, exact=True),
+            lambda: path_folding(model, starts, ends, steps=floor_steps),
+        ],
+        repeats,
+        warm_up=False,
+    )
+    ratios = [exact / floor for exact, floor in times]
+    spread = f"min {min(ratios):.2f}x, median {statistics.median(ratios):.2f}x, max {max(ratios):.2f}x"
+    print(
+        f"CNN 1x28x28, {paths} whole paths ({result.regions.tolist()} regions): exact / "
+        f"path_folding(steps={floor_steps}) = {spread} over {repeats} repeats (target <= 3x)"
+    )
 
 
 if __name__ == "__main__":
