@@ -201,6 +201,20 @@ def test_a_compiled_model_has_the_names_of_the_model_it_wraps() -> None:
     assert torch.equal(result.r2, path_folding(model, starts, ends, steps=32).r2)
 
 
+def test_exact_traversal_of_a_compiled_model_traverses_the_model_it_wraps() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[3].running_mean.uniform_(-1.0, 1.0)
+        model[3].running_var.uniform_(0.5, 2.0)
+    starts, ends = torch.randn(3, 2) * 3, torch.randn(3, 2) * 3
+    expected = path_folding(model, starts, ends, exact=True)
+    result = path_folding(torch.compile(model, backend="eager"), starts, ends, exact=True)
+    assert result.layer_names == ["1", "4"]
+    assert torch.equal(result.r2, expected.r2) and torch.equal(result.regions, expected.regions)
+    assert bool((expected.regions > 3).all())
+
+
 def test_layers_know_the_module_that_ran_them() -> None:
     layers = find_layers(Mixed(), torch.randn(2, 3))
     assert [layer.module for layer in layers] == ["act", "act", "inplace", "", "", ""]
