@@ -13,11 +13,9 @@ Run: python benchmarks/bench_exact.py [--quick] [--threads N]
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 
 import torch
-from common import best_times, cnn, mlp, parse_with_threads, repeat_times
+from common import best_times, cnn, exact_over_floor, mlp, parse_with_threads, spread
 
 from lightning_spacefold import path_folding
 
@@ -62,21 +60,11 @@ def cnn_over_floor(paths: int, repeats: int) -> None:
     torch.manual_seed(0)
     model = cnn().eval()
     starts, ends = torch.rand(paths, 1, 28, 28), torch.rand(paths, 1, 28, 28)
-    result = path_folding(model, starts, ends, exact=True)
-    floor_steps = math.ceil(result.regions.double().mean())
-    times = repeat_times(
-        [
-            lambda: path_folding(model, starts, ends, exact=True),
-            lambda: path_folding(model, starts, ends, steps=floor_steps),
-        ],
-        repeats,
-        warm_up=False,
-    )
-    ratios = [exact / floor for exact, floor in times]
-    spread = f"min {min(ratios):.2f}x, median {statistics.median(ratios):.2f}x, max {max(ratios):.2f}x"
+    regions = path_folding(model, starts, ends, exact=True).regions.tolist()
+    floor_steps, ratios, _ = exact_over_floor(model, starts, ends, regions, repeats)
     print(
-        f"CNN 1x28x28, {paths} whole paths ({result.regions.tolist()} regions): exact / "
-        f"path_folding(steps={floor_steps}) = {spread} over {repeats} repeats (target <= 3x)"
+        f"CNN 1x28x28, {paths} whole paths ({regions} regions): exact / path_folding(steps={floor_steps}) = "
+        f"{spread(ratios)} over {repeats} repeats (target <= 3x)"
     )
 
 

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import signal
-import statistics
 import time
 import warnings
 from collections import Counter
@@ -42,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from common import fold_over_forward, parse_with_threads, repeat_times
+from common import exact_over_floor, fold_over_forward, parse_with_threads, spread
 from torch import Tensor, nn
 
 from lightning_spacefold import find_layers, path_folding
@@ -202,11 +200,6 @@ class Row:
     exact_note: str = ""
 
 
-def spread(ratios: list[float]) -> str:
-    """``min-median-max`` of a list of ratios."""
-    return f"{min(ratios):.2f}-{statistics.median(ratios):.2f}-{max(ratios):.2f}x"
-
-
 def synchronized(function: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """The function, waiting for the device to finish its work before returning (for timing on a GPU)."""
     if device.type != "cuda":
@@ -302,18 +295,8 @@ def measure_exact(
     first = time.perf_counter() - begin
     assert result.regions is not None
     row.regions = result.regions.tolist()
-    floor_steps = max(1, math.ceil(sum(row.regions) / len(row.regions)))  # one point per region crossed, on average
-
-    def floor() -> None:
-        path_folding(model, starts, ends, steps=floor_steps, forward=forward)
-
-    floor()  # warm-up; the first exact call above was the traversal's
     exact_repeats = max(1, min(repeats, int(EXACT_BUDGET_S // first)))
-    times = repeat_times(
-        [lambda: path_folding(model, starts, ends, exact=True, forward=forward), floor], exact_repeats, warm_up=False
-    )
-    row.exact_floor = [exact / floor for exact, floor in times]
-    best = [min(column) for column in zip(*times, strict=True)]
+    floor_steps, row.exact_floor, best = exact_over_floor(model, starts, ends, row.regions, exact_repeats, forward)
     print(
         f"  exact/floor ({len(starts)} path, its first {EXACT_FRACTION:.0%}: {'/'.join(map(str, row.regions))} "
         f"regions, floor steps={floor_steps}): {spread(row.exact_floor)} over {exact_repeats} repeats (best times: "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -108,6 +110,39 @@ def fold_over_forward(
     best = [min(column) for column in zip(*times, strict=True)]
     labels = ["one batch" if size == len(points) else f"batches of {size}" for size in batch_sizes]
     return [fold / min(plain_times) for fold, *plain_times in times], best[0], dict(zip(labels, best[1:], strict=True))
+
+
+def spread(ratios: list[float]) -> str:
+    """``min-median-max`` of a list of ratios."""
+    return f"{min(ratios):.2f}-{statistics.median(ratios):.2f}-{max(ratios):.2f}x"
+
+
+def exact_over_floor(
+    model: nn.Module,
+    starts: Tensor,
+    ends: Tensor,
+    regions: list[int],
+    repeats: int,
+    forward: Callable[[Tensor], Any] | None = None,
+) -> tuple[int, list[float], list[float]]:
+    """Exact traversal time over its floor, once per repeat (run in turns; call ``exact=True`` once first).
+
+    The floor is dense sampling at as many steps as the traversal found regions per path, on average: one point per
+    region crossed.
+
+    Returns:
+        The floor's step count, the ratio of each repeat and the best times ``[exact, floor]``.
+    """
+    floor_steps = max(1, math.ceil(sum(regions) / len(regions)))
+
+    def floor() -> None:
+        path_folding(model, starts, ends, steps=floor_steps, forward=forward)
+
+    floor()  # warm-up; the caller's first exact call was the traversal's
+    times = repeat_times(
+        [lambda: path_folding(model, starts, ends, exact=True, forward=forward), floor], repeats, warm_up=False
+    )
+    return floor_steps, [exact / dense for exact, dense in times], [min(column) for column in zip(*times, strict=True)]
 
 
 def parse_with_threads(parser: argparse.ArgumentParser) -> argparse.Namespace:

@@ -342,7 +342,7 @@ _BATCH_NORM_PARAMETERS = ("running_mean", "running_var", "weight", "bias", "trai
 
 def _affine_tangent(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
     """The tangent of an affine map of the dual input ``args[0]``, computed in one call; ``None`` for other calls."""
-    tangent = fwAD.unpack_dual(args[0]).tangent if args else None
+    tangent = fwAD.unpack_dual(args[0]).tangent
     if tangent is None:
         return None
     if func in _BIASED_LINEAR_MAPS and _no_tangent(*args[1:], *kwargs.values()):
@@ -375,11 +375,10 @@ class _TraversalOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _BIASED_LINEAR_MAPS or func is F.batch_norm:
+        if args and (func in _BIASED_LINEAR_MAPS or func is F.batch_norm):
             tangent = _affine_tangent(func, args, kwargs)
             if tangent is not None:
-                primal = fwAD.unpack_dual(args[0]).primal
-                return fwAD.make_dual(func(primal, *args[1:], **kwargs), tangent)
+                return fwAD.make_dual(func(fwAD.unpack_dual(args[0]).primal, *args[1:], **kwargs), tangent)
         output = func(*args, **kwargs)
         dims = _MAX_POOLS.get(func)
         if dims is not None:
@@ -552,7 +551,8 @@ def exact_folding(
     -mode AD is unaffected); training flags are restored and hooks removed afterwards, also on errors.
 
     Args:
-        model: The network; it must take a batch ``[B, *input_shape]``.
+        model: The network; it must take a batch ``[B, *input_shape]``. A ``torch.compile``'d model is traversed
+            through the module it wraps.
         starts: Start of each path, ``[P, *input_shape]``, floating point, finite.
         ends: End of each path, same shape, dtype and device as ``starts``.
         layers: All activation layers of the model in forward order (:func:`~lightning_spacefold.find_layers`).
@@ -579,6 +579,10 @@ def exact_folding(
     widths = [math.ceil(layers[index].num_units / 64) for index in selected]
     names = [layer.name for layer in layers[: last + 1]]
 
+    wrapped = getattr(model, "_orig_mod", None)
+    if forward is None and isinstance(wrapped, nn.Module):
+        # Forward-mode AD does not run through a torch.compile'd module: traverse the module it wraps (same names).
+        model = wrapped
     run = model if forward is None else forward
     with evaluation_mode(model):
         _require_piecewise_linear(model, run, starts[:1], layers, last)

@@ -281,10 +281,6 @@ def _exact_folding(
     found: list[LayerInfo],
 ) -> FoldingResult:
     selected = select_layers(model, [layer.name for layer in found], layers)
-    # Forward-mode AD does not go through a torch.compile'd module: traverse the module it wraps (same layer names).
-    wrapped = getattr(model, "_orig_mod", None)
-    if forward is None and isinstance(wrapped, nn.Module):
-        model = wrapped
     # Crossing times need the model's own precision: bfloat16 breaks the affine models of the traversal.
     with torch.autocast(starts.device.type, enabled=False):
         return exact_folding(
