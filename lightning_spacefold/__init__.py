@@ -4,7 +4,13 @@ from lightning_spacefold.callback import SpaceFoldingCallback
 from lightning_spacefold.capture import ActivationRule, LayerInfo, find_layers, register_activation, register_swiglu
 from lightning_spacefold.finite import NonFiniteError
 from lightning_spacefold.folding import path_folding, path_patterns
-from lightning_spacefold.measure import fold_measure, fold_ranges, interaction_profile, symmetric_fold_measure
+from lightning_spacefold.measure import (
+    fold_measure,
+    fold_ranges,
+    interaction_profile,
+    max_fold_measure,
+    symmetric_fold_measure,
+)
 from lightning_spacefold.metric import SpaceFolding
 from lightning_spacefold.regularization import folding_penalty, regularization_weight, soft_folding
 from lightning_spacefold.result import FoldingResult
@@ -21,6 +27,7 @@ __all__ = [
     "fold_ranges",
     "folding_penalty",
     "interaction_profile",
+    "max_fold_measure",
     "path_folding",
     "path_patterns",
     "register_activation",

@@ -86,7 +86,10 @@ class SpaceFoldingCallback(Callback):
 
     Logged at the step of the measurement through every logger of the trainer, whatever ``log_every_n_steps``:
     ``spacefold/folding`` (mean chi), ``spacefold/folding_median_nonzero`` (median of the non-zero chi),
-    ``spacefold/folded_fraction`` (share of paths with chi > 0) and ``spacefold/layer/<layer name>``. With a
+    ``spacefold/folded_fraction`` (share of paths with chi > 0), ``spacefold/folding_max`` and
+    ``spacefold/folding_max_median_nonzero`` (mean and median of the non-zero maximal folding over each path's
+    prefixes, ``chi_max``: the papers' "median of maxima"), ``spacefold/layer/<layer name>`` and
+    ``spacefold/layer_max/<layer name>``. With a
     TensorBoard logger also a histogram of the per-path chi (``spacefold/chi``), figures (``spacefold/example_paths``:
     Hamming distance from the start along a few paths; ``spacefold/class_pairs``: mean chi per pair of classes;
     ``spacefold/layers``: mean chi per layer) and a custom-scalars layout that puts the global and per-layer curves

@@ -427,7 +427,7 @@ def _evaluate(
 
 
 class _Tally:
-    """Running range and length of every path, per selected layer, fed points in ``t`` order.
+    """Running range, length and maximal folding of every path, per selected layer, fed points in ``t`` order.
 
     Args:
         start: Packed start pattern of each path, ``int64 [P, words]`` (``measure.pack_words``).
@@ -441,6 +441,8 @@ class _Tally:
         num_paths, device = len(start), start.device
         self.layer_r1 = torch.zeros(num_paths, len(widths), dtype=torch.int64, device=device)
         self.layer_r2 = torch.zeros_like(self.layer_r1)
+        self.layer_chi_max = folding_from_ranges(self.layer_r1, self.layer_r2)  # zeros in the folding dtype
+        self.chi_max = folding_from_ranges(self.layer_r1[:, 0], self.layer_r2[:, 0])
         self.r1 = torch.zeros(num_paths, dtype=torch.int64, device=device)
         self.changes = torch.zeros_like(self.r1)
 
@@ -453,13 +455,45 @@ class _Tally:
         previous[first] = self.previous[path[first]]
         changed = popcount(torch.stack([pattern ^ self.start[path], pattern ^ previous]))  # one call for both
         from_start, from_previous = segment_sums(changed, self.widths).unbind(0)  # [points, layers] each
-        self.layer_r1.scatter_reduce_(0, path[:, None].expand_as(from_start), from_start, "amax")
-        self.layer_r2.index_add_(0, path, from_previous)
-        self.r1.scatter_reduce_(0, path, from_start.sum(1), "amax")
-        self.changes.index_add_(0, path, (from_previous.sum(1) > 0).long())
+        # Every point's prefix range and length, per layer and over all layers: running values within its path's
+        # rows, continued from what the path had before this call.
+        segment = first.cumsum(0) - 1
+        layer_r1 = torch.maximum(_segment_cummax(from_start, segment), self.layer_r1[path])
+        layer_r2 = _segment_cumsum(from_previous, first) + self.layer_r2[path]
+        r1 = torch.maximum(_segment_cummax(from_start.sum(1, keepdim=True), segment), self.r1[path, None])
+        r2 = layer_r2.sum(1, keepdim=True)
+        folding = folding_from_ranges(torch.cat([layer_r1, r1], 1), torch.cat([layer_r2, r2], 1))
+        self.layer_chi_max.scatter_reduce_(0, path[:, None].expand_as(layer_r1), folding[:, :-1], "amax")
+        self.chi_max.scatter_reduce_(0, path, folding[:, -1], "amax")
+        # A path's last row holds its running values.
         last = torch.ones_like(first)
         last[:-1] = first[1:]
+        self.layer_r1[path[last]] = layer_r1[last]
+        self.layer_r2[path[last]] = layer_r2[last]
+        self.r1[path[last]] = r1[last, 0]
+        self.changes.index_add_(0, path, (from_previous.sum(1) > 0).long())
         self.previous[path[last]] = pattern[last]
+
+
+def _segment_cumsum(values: Tensor, first: Tensor) -> Tensor:
+    """Running sums down the rows of ``values [n, c]`` that restart at every row where ``first [n]`` is true."""
+    running = values.cumsum(0)
+    before = (running - values)[first]  # the sum of all rows before each segment
+    return running - before.repeat_interleave(_segment_lengths(first), 0)
+
+
+def _segment_cummax(values: Tensor, segment: Tensor) -> Tensor:
+    """Running maxima down the rows of the non-negative ``values [n, c]`` within each segment (``segment [n]``).
+
+    One cummax over all rows: each segment (ascending) is lifted above every value of the segments before it.
+    """
+    lift = (segment * (int(values.max()) + 1 if len(values) else 1)).unsqueeze(1)
+    return (values + lift).cummax(0).values - lift
+
+
+def _segment_lengths(first: Tensor) -> Tensor:
+    starts = first.nonzero().squeeze(1)
+    return torch.diff(starts, append=starts.new_tensor([len(first)]))
 
 
 def _check_consistency(left: _Points, right: _Points, names: list[str], tolerance: float) -> None:
@@ -632,5 +666,7 @@ def exact_folding(
         layer_r2=layer_r2,
         layer_names=[layers[index].name for index in selected],
         steps=None,
+        chi_max=tally.chi_max,
+        layer_chi_max=tally.layer_chi_max,
         regions=tally.changes + 1,
     )

@@ -30,7 +30,7 @@ from lightning_spacefold.capture import (
 from lightning_spacefold.checks import is_int
 from lightning_spacefold.exact import exact_folding
 from lightning_spacefold.finite import FiniteCheck, finite_sum
-from lightning_spacefold.measure import folding_from_ranges, pack_words, popcount, segment_sums
+from lightning_spacefold.measure import folding_from_ranges, pack_words, popcount, prefix_folding, segment_sums
 from lightning_spacefold.result import FoldingResult
 
 __all__ = [
@@ -118,7 +118,7 @@ def segment_points(starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
 
 
 class _Walk:
-    """Running range and length of a group of paths, per layer, fed one chunk of consecutive points at a time.
+    """Running range, length and maximal folding of a group of paths, per layer, fed one chunk of points at a time.
 
     Each layer's bits are packed into 64-bit words inside its activation hook, so no layer's bits outlive its call;
     the distances of all layers are counted together when the chunk ends. Between chunks only the packed start
@@ -133,6 +133,9 @@ class _Walk:
         self.layer_r1 = torch.zeros(num_paths, len(names), dtype=torch.int64, device=device)
         self.layer_r2 = torch.zeros_like(self.layer_r1)
         self.r1 = torch.zeros(num_paths, dtype=torch.int64, device=device)
+        self.r2 = torch.zeros_like(self.r1)
+        self.layer_chi_max = folding_from_ranges(self.layer_r1, self.layer_r2)  # zeros in the folding dtype
+        self.chi_max = folding_from_ranges(self.r1, self.r2)
         self.words: list[Tensor] = []  # this chunk's packed patterns, one [G * K, words] tensor per layer
         self.start: Tensor | None = None  # [G, words of all layers]
         self.previous: Tensor | None = None
@@ -143,8 +146,8 @@ class _Walk:
         self.finite.add(pre_activation)
         self.words.append(pack_words(rule.bits(pre_activation).reshape(self.num_paths * self.chunk_points, -1)))
 
-    def end_chunk(self, output: Any) -> Tensor:
-        """Close the chunk: update the ranges and lengths; return its distances from the start ``[G, K]``."""
+    def end_chunk(self, output: Any) -> tuple[Tensor, Tensor]:
+        """Close the chunk: update the running values; return its distances from the start and lengths walked."""
         self.finite.end_pass(output)
         widths = [layer_words.shape[1] for layer_words in self.words]
         words = torch.cat(self.words, dim=1).view(self.num_paths, self.chunk_points, -1)
@@ -154,13 +157,19 @@ class _Walk:
         previous = self.start if self.previous is None else self.previous  # the first point adds 0 to the length
         before = torch.cat([previous.unsqueeze(1), words[:, :-1]], dim=1)
         changes = popcount(torch.stack([words ^ self.start.unsqueeze(1), words ^ before]))  # one call for both
-        from_start = segment_sums(changes[0], widths)  # [G, K, layers]
         self.previous = words[:, -1].clone()
-        self.layer_r1 = torch.maximum(self.layer_r1, from_start.amax(1))
-        self.layer_r2 += segment_sums(changes[1].sum(1), widths)  # the length needs no per-point counts
-        whole = from_start.sum(-1)
-        self.r1 = torch.maximum(self.r1, whole.amax(-1))
-        return whole
+        # [2, G, layers, K]: the distances of each layer's bits along the chunk, points last for the prefix values.
+        layer_from_start, layer_from_previous = segment_sums(changes, widths).transpose(-1, -2).unbind(0)
+        layer_folding = prefix_folding(layer_from_start, layer_from_previous, self.layer_r1, self.layer_r2)
+        self.layer_chi_max = torch.maximum(self.layer_chi_max, layer_folding.amax(-1))
+        self.layer_r1 = torch.maximum(self.layer_r1, layer_from_start.amax(-1))
+        self.layer_r2 += layer_from_previous.sum(-1)
+        from_start, from_previous = layer_from_start.sum(1), layer_from_previous.sum(1)  # [G, K]
+        self.chi_max = torch.maximum(self.chi_max, prefix_folding(from_start, from_previous, self.r1, self.r2).amax(-1))
+        walked = from_previous.cumsum(-1) + self.r2.unsqueeze(-1)
+        self.r1 = torch.maximum(self.r1, from_start.amax(-1))
+        self.r2 = walked[:, -1].clone()
+        return from_start, walked
 
 
 def default_batch_size(layers: list[LayerInfo], inputs: Tensor) -> int:
@@ -208,7 +217,8 @@ def path_folding(
         layers: Names of the layers to measure (see :func:`~lightning_spacefold.find_layers`); ``None`` for all.
         batch_size: Points per forward pass; by default chosen from the model's largest activation (see
             :func:`default_batch_size`). Memory grows with it, not with ``steps``.
-        return_distances: Also return the Hamming distance from the start at every point, ``[P, steps + 1]``.
+        return_distances: Also return the Hamming distance from the start and the length walked to every point,
+            ``[P, steps + 1]`` each (``distances`` and ``walked``).
         exact: Traverse the exact sequence of activation regions along each segment instead of sampling
             ``steps + 1`` points (piecewise-linear networks; see :mod:`lightning_spacefold.exact`). ``chi`` is then
             the limit of dense sampling, ``steps`` is ignored and the result has ``regions``, the number of pieces
@@ -307,7 +317,7 @@ def _sampled_folding(
     chunk_size = _balanced(num_points, max(1, batch_size // group_size))
     t = torch.arange(num_points, dtype=torch.float64, device=starts.device) / steps
     run = model if forward is None else forward
-    walks, distances = [], []
+    walks, distances, walked = [], [], []
     finite = FiniteCheck(names)
     with evaluation_mode(model):
         for first in range(0, num_paths, group_size):
@@ -322,16 +332,17 @@ def _sampled_folding(
                     capture.reset()
                     output = run(segment_points(starts[group], ends[group], chunk_t))
                     capture.check_pass()
-                    chunk_distances = walk.end_chunk(output)
+                    chunk_distances, chunk_walked = walk.end_chunk(output)
                     if return_distances:
                         distances.append(chunk_distances)
+                        walked.append(chunk_walked)
             walks.append(walk)
     finite.check()
 
     layer_r1 = torch.cat([walk.layer_r1 for walk in walks])
     layer_r2 = torch.cat([walk.layer_r2 for walk in walks])
     r1 = torch.cat([walk.r1 for walk in walks])
-    r2 = layer_r2.sum(-1)
+    r2 = torch.cat([walk.r2 for walk in walks])
     return FoldingResult(
         chi=folding_from_ranges(r1, r2),
         r1=r1,
@@ -341,7 +352,10 @@ def _sampled_folding(
         layer_r2=layer_r2,
         layer_names=names,
         steps=steps,
+        chi_max=torch.cat([walk.chi_max for walk in walks]),
+        layer_chi_max=torch.cat([walk.layer_chi_max for walk in walks]),
         distances=_stitch(distances, num_paths, group_size) if return_distances else None,
+        walked=_stitch(walked, num_paths, group_size) if return_distances else None,
     )
 
 

@@ -20,7 +20,9 @@ __all__ = [
     "folding_from_ranges",
     "count_ones",
     "interaction_profile",
+    "max_fold_measure",
     "pack_words",
+    "prefix_folding",
     "popcount",
     "segment_sums",
     "step_distances",
@@ -178,6 +180,32 @@ def folding_from_ranges(r1: Tensor, r2: Tensor) -> Tensor:
     return torch.where(r2 > 0, 1 - r1 / r2.clamp_min(1), torch.zeros_like(r2))
 
 
+def prefix_folding(
+    from_start: Tensor, from_previous: Tensor, r1: Tensor | None = None, r2: Tensor | None = None
+) -> Tensor:
+    """Folding ``chi_j`` of every prefix of a walk, from the distances of its points (specification, section 4).
+
+    ``chi_j = 1 - r1(j) / r2(j)`` with the prefix's range ``r1(j) = max_{i <= j} d_H(pi_0, pi_i)`` and length
+    ``r2(j) = sum_{i < j} d_H(pi_i, pi_{i+1})``. Streaming callers feed a walk in chunks of consecutive points and
+    pass the range and length of the walk before the chunk.
+
+    Args:
+        from_start: Distances to the walk's start ``[..., K]`` of K consecutive points (:func:`step_distances`).
+        from_previous: Distances to the point before each, same shape (0 for the walk's first point).
+        r1: Range of the walk before the chunk, ``[...]``; ``None`` when the chunk opens the walk.
+        r2: Length of the walk before the chunk, ``[...]``; ``None`` when the chunk opens the walk.
+
+    Returns:
+        ``chi_j`` of the prefixes that end at each of the K points, ``[..., K]``.
+    """
+    prefix_r1, prefix_r2 = from_start.cummax(-1).values, from_previous.cumsum(-1)
+    if r1 is not None:
+        prefix_r1 = torch.maximum(prefix_r1, r1.unsqueeze(-1))
+    if r2 is not None:
+        prefix_r2 = prefix_r2 + r2.unsqueeze(-1)
+    return folding_from_ranges(prefix_r1, prefix_r2)
+
+
 def fold_ranges(patterns: Tensor) -> tuple[Tensor, Tensor]:
     """Range ``r1`` and length ``r2`` of each path.
 
@@ -223,6 +251,35 @@ def fold_measure(patterns: Tensor) -> Tensor:
     return folding_from_ranges(*fold_ranges(patterns))
 
 
+def max_fold_measure(patterns: Tensor) -> Tensor:
+    """Maximal folding ``chi_max`` of each path over its prefixes (specification, section 4).
+
+    ``chi_max = max_j chi(pi_0 .. pi_j)``: how far the walk had folded at its most folded point, ``>= chi`` (the
+    whole walk is its last prefix). The papers' global figure is "the aggregated median of maxima of non-zero space
+    folding", a statistic of this value over paths.
+
+    Args:
+        patterns: Boolean or 0/1 tensor ``[..., N, M]``: N patterns along each path, M units each.
+
+    Returns:
+        ``chi_max`` in ``[0, 1)``, shape ``[...]``.
+
+    Raises:
+        TypeError: If ``patterns`` is not a tensor.
+        ValueError: If it has fewer than 2 dimensions, no point, or values other than 0 and 1.
+
+    Examples:
+        The walk 00, 10, 00, 01, 11 has prefix foldings 0, 1/2, 2/3, 1/2: it ends at ``chi = 1/2`` but folded to
+        2/3 on its way.
+
+        >>> walk = torch.tensor([[0, 0], [1, 0], [0, 0], [0, 1], [1, 1]])
+        >>> fold_measure(walk), max_fold_measure(walk)
+        (tensor(0.5000), tensor(0.6667))
+    """
+    patterns = _as_patterns(patterns)
+    return prefix_folding(*step_distances(patterns, patterns[..., 0, :])).amax(-1)
+
+
 def symmetric_fold_measure(patterns: Tensor) -> Tensor:
     """Symmetrised folding of a pair, ``(chi(x1 -> x2) + chi(x2 -> x1)) / 2``.
 
@@ -266,8 +323,7 @@ def interaction_profile(patterns: Tensor) -> Tensor:
     patterns = _as_patterns(patterns)
     from_start, from_previous = step_distances(patterns, patterns[..., 0, :])
     prefix_r1 = from_start.cummax(-1).values
-    prefix_r2 = from_previous.cumsum(-1)
-    total_r2 = prefix_r2[..., -1:]
+    total_r2 = from_previous.sum(-1, keepdim=True)
     # Pairwise Hamming distances |a| + |b| - 2 a.b, exact in float64 for any realistic unit count.
     bits = patterns.to(torch.float64)
     ones = bits.sum(-1)
@@ -276,4 +332,5 @@ def interaction_profile(patterns: Tensor) -> Tensor:
     later = torch.ones(n, n, dtype=torch.bool, device=patterns.device).triu()
     suffix_r1 = pairwise.masked_fill(~later, 0).amax(-1).round().to(from_start.dtype)
     whole = folding_from_ranges(prefix_r1[..., -1:], total_r2)
-    return whole - folding_from_ranges(prefix_r1, prefix_r2) - folding_from_ranges(suffix_r1, total_r2 - prefix_r2)
+    suffix_r2 = total_r2 - from_previous.cumsum(-1)
+    return whole - prefix_folding(from_start, from_previous) - folding_from_ranges(suffix_r1, suffix_r2)

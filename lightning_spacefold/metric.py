@@ -55,8 +55,13 @@ class SpaceFolding(Metric):
       the mean of the two middle values (as :func:`numpy.median` and :func:`statistics.median`), and 0 when no path
       folds
     - ``folded_fraction``: share of the paths with :math:`\chi > 0`
+    - ``folding_max``: mean of each path's maximal folding over its prefixes, :math:`\chi_{max} = \max_j \chi_j`
+      (:attr:`~lightning_spacefold.FoldingResult.chi_max`)
+    - ``folding_max_median_nonzero``: median of the non-zero :math:`\chi_{max}`, the papers' "median of maxima of
+      non-zero space folding" (:math:`\chi_{max} > 0` exactly where :math:`\chi > 0`)
     - ``layer/<name>``: mean over all paths of :math:`\chi` computed on that layer's bits alone, for every measured
       layer
+    - ``layer_max/<name>``: mean over all paths of :math:`\chi_{max}` on that layer's bits alone
     - ``class_pair_folding`` (only with ``num_classes``): ``[num_classes, num_classes]`` matrix, entry ``(a, b)`` the
       mean :math:`\chi` of the paths from class ``a`` to class ``b``, NaN where there is none
     - ``class_pair_count`` (only with ``num_classes``): ``[num_classes, num_classes]`` number of paths (int64)
@@ -102,7 +107,8 @@ class SpaceFolding(Metric):
         >>> metric = SpaceFolding(steps=3)
         >>> metric.update(model, starts, ends)
         >>> {name: round(value.item(), 4) for name, value in metric.compute().items()}
-        {'folding': 0.1667, 'folding_median_nonzero': 0.3333, 'folded_fraction': 0.5, 'layer/1': 0.0, 'layer/3': 0.25}
+        {'folding': 0.1667, 'folding_median_nonzero': 0.3333, 'folded_fraction': 0.5, 'folding_max': 0.1667,
+         'folding_max_median_nonzero': 0.3333, 'layer/1': 0.0, 'layer/3': 0.25, 'layer_max/1': 0.0, 'layer_max/3': 0.25}
 
         Folding per ordered pair of classes, here both paths from class 0, the folding one to class 1:
 
@@ -122,6 +128,8 @@ class SpaceFolding(Metric):
 
     chi: list[Tensor]
     layer_chi: list[Tensor]
+    chi_max: list[Tensor]
+    layer_chi_max: list[Tensor]
     layer_names_code: list[Tensor]
     class_pair_sum: Tensor
     class_pair_count: Tensor
@@ -160,6 +168,8 @@ class SpaceFolding(Metric):
         # Flattened [P, L] rows: a process without updates contributes torchmetrics' 1-D empty placeholder, and
         # all-gathering needs the same number of dimensions everywhere.
         self.add_state("layer_chi", default=[], dist_reduce_fx="cat")
+        self.add_state("chi_max", default=[], dist_reduce_fx="cat")
+        self.add_state("layer_chi_max", default=[], dist_reduce_fx="cat")
         # The layer names, JSON-encoded as ASCII codes, one copy per process (or forward call) that saw paths: the
         # names then reach processes without updates through the ordinary sync. Stored in the metric's float
         # dtype because that is the dtype of the placeholder the other processes send.
@@ -241,11 +251,17 @@ class SpaceFolding(Metric):
             raise ValueError(
                 f"Expected `result.chi` to hold at least one path, shape [P], got {tuple(result.chi.shape)}."
             )
-        if result.layer_chi.shape != (num_paths, num_layers):
-            raise ValueError(
-                f"Expected `result.layer_chi` of shape [P, L] = [{num_paths}, {num_layers}] (L layer names), got "
-                f"{tuple(result.layer_chi.shape)}."
-            )
+        for name in ("chi_max",):
+            if getattr(result, name).shape != (num_paths,):
+                raise ValueError(
+                    f"Expected `result.{name}` of shape [P] = [{num_paths}], got {tuple(getattr(result, name).shape)}."
+                )
+        for name in ("layer_chi", "layer_chi_max"):
+            if getattr(result, name).shape != (num_paths, num_layers):
+                raise ValueError(
+                    f"Expected `result.{name}` of shape [P, L] = [{num_paths}, {num_layers}] (L layer names), got "
+                    f"{tuple(getattr(result, name).shape)}."
+                )
         labels = self._check_labels(start_labels, end_labels, num_paths)
         # Through torchmetrics' update wrapper, like ``update``: it counts the update and drops a cached compute.
         self._wrap_update(self._accumulate)(result, labels)
@@ -264,16 +280,20 @@ class SpaceFolding(Metric):
                 "SpaceFolding.compute() needs at least one measured path; call update() or update_from_result() "
                 "first (in at least one process)."
             )
-        chi = dim_zero_cat(self.chi)
+        chi, chi_max = dim_zero_cat(self.chi), dim_zero_cat(self.chi_max)
         names = _decode_names(self.layer_names_code) or []
         layer_chi = dim_zero_cat(self.layer_chi).view(len(chi), len(names))
+        layer_chi_max = dim_zero_cat(self.layer_chi_max).view(len(chi), len(names))
         folded = chi > 0
         output = {
             "folding": chi.mean(),
             "folding_median_nonzero": _median(chi[folded]),
             "folded_fraction": folded.to(chi.dtype).mean(),
+            "folding_max": chi_max.mean(),
+            "folding_max_median_nonzero": _median(chi_max[chi_max > 0]),
         }
         output.update({f"layer/{name}": value for name, value in zip(names, layer_chi.mean(0), strict=True)})
+        output.update({f"layer_max/{name}": value for name, value in zip(names, layer_chi_max.mean(0), strict=True)})
         if self.num_classes is not None:
             # 0 / 0 gives the documented NaN for class pairs without paths.
             output["class_pair_folding"] = self.class_pair_sum / self.class_pair_count
@@ -362,6 +382,8 @@ class SpaceFolding(Metric):
         chi = result.chi.to(self.device, self.dtype)
         self.chi.append(chi)
         self.layer_chi.append(result.layer_chi.to(self.device, self.dtype).flatten())
+        self.chi_max.append(result.chi_max.to(self.device, self.dtype))
+        self.layer_chi_max.append(result.layer_chi_max.to(self.device, self.dtype).flatten())
         if labels is not None:
             self.class_pair_sum.index_put_(labels, chi, accumulate=True)
             self.class_pair_count.index_put_(labels, torch.ones_like(labels[0]), accumulate=True)

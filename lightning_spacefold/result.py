@@ -23,7 +23,12 @@ class FoldingResult:
         layer_r2: Length per layer, ``[P, L]``.
         layer_names: The L layer names, in forward order.
         steps: Number of segments each path was cut into (``steps + 1`` points); ``None`` for an exact traversal.
+        chi_max: Maximal folding of each path over its prefixes, ``max_j chi(pi_0 .. pi_j)`` (``>= chi``), ``[P]``:
+            the value behind the papers' "median of maxima of non-zero space folding".
+        layer_chi_max: The same on each layer's bits alone, ``[P, L]``.
         distances: Hamming distance from the start at every point, ``[P, steps + 1]``, when requested.
+        walked: Length walked from the start to every point (the running ``r2``), ``[P, steps + 1]``, with
+            ``distances``.
         regions: Number of activation regions each path crosses, ``[P]`` (exact traversal only).
     """
 
@@ -35,7 +40,10 @@ class FoldingResult:
     layer_r2: Tensor
     layer_names: list[str]
     steps: int | None
+    chi_max: Tensor
+    layer_chi_max: Tensor
     distances: Tensor | None = None
+    walked: Tensor | None = None
     regions: Tensor | None = None
 
     def __len__(self) -> int:
@@ -43,7 +51,19 @@ class FoldingResult:
 
     def select(self, index: Tensor | slice) -> FoldingResult:
         """The result of the paths at ``index`` (an index tensor, a boolean mask or a slice)."""
-        per_path = ("chi", "r1", "r2", "layer_chi", "layer_r1", "layer_r2", "distances", "regions")
+        per_path = (
+            "chi",
+            "r1",
+            "r2",
+            "layer_chi",
+            "layer_r1",
+            "layer_r2",
+            "chi_max",
+            "layer_chi_max",
+            "distances",
+            "walked",
+            "regions",
+        )
         selected: dict[str, Tensor | None] = {name: getattr(self, name) for name in per_path}
         changes: dict[str, Any] = {name: None if value is None else value[index] for name, value in selected.items()}
         return replace(self, **changes)

@@ -71,6 +71,10 @@ def add_custom_scalars(loggers: Sequence[Logger], layer_names: Sequence[str]) ->
                 "Multiline",
                 [f"{PREFIX}/folding", f"{PREFIX}/folding_median_nonzero", f"{PREFIX}/folded_fraction"],
             ],
+            "maximum over prefixes": [
+                "Multiline",
+                [f"{PREFIX}/folding_max", f"{PREFIX}/folding_max_median_nonzero"],
+            ],
             "layers": ["Multiline", [f"{PREFIX}/layer/{name}" for name in layer_names]],
         }
     }

@@ -34,8 +34,14 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "centroid_vs_all_pairs.py"
 NUM_CLASSES = 3
 
 
-def make_result(chi: list[float], layer_chi: list[list[float]], names: list[str] | None = None) -> FoldingResult:
-    """A hand-made result; only the fields the metric reads carry meaning."""
+def make_result(
+    chi: list[float],
+    layer_chi: list[list[float]],
+    names: list[str] | None = None,
+    chi_max: list[float] | None = None,
+    layer_chi_max: list[list[float]] | None = None,
+) -> FoldingResult:
+    """A hand-made result; only the fields the metric reads carry meaning (the maxima default to chi)."""
     chi_tensor, layer_tensor = torch.tensor(chi), torch.tensor(layer_chi)
     zeros = torch.zeros(len(chi), dtype=torch.long)
     return FoldingResult(
@@ -47,6 +53,8 @@ def make_result(chi: list[float], layer_chi: list[list[float]], names: list[str]
         layer_r2=torch.zeros_like(layer_tensor, dtype=torch.long),
         layer_names=names if names is not None else [f"layer{i}" for i in range(layer_tensor.shape[1])],
         steps=8,
+        chi_max=chi_tensor if chi_max is None else torch.tensor(chi_max),
+        layer_chi_max=layer_tensor if layer_chi_max is None else torch.tensor(layer_chi_max),
     )
 
 
@@ -55,7 +63,11 @@ def random_result(seed: int, num_paths: int, names: tuple[str, ...] = ("a", "b")
     generator = torch.Generator().manual_seed(seed)
     values = torch.rand(num_paths, len(names) + 1, generator=generator) * 0.9
     values[torch.rand(values.shape, generator=generator) < 0.35] = 0.0
-    return make_result(values[:, 0].tolist(), values[:, 1:].tolist(), list(names))
+    # Maxima over prefixes: above chi on folded paths, by amounts that differ from path to path.
+    maxima = values + (values > 0) * torch.rand(values.shape, generator=generator) * 0.1
+    return make_result(
+        values[:, 0].tolist(), values[:, 1:].tolist(), list(names), maxima[:, 0].tolist(), maxima[:, 1:].tolist()
+    )
 
 
 def random_labels(seed: int, num_paths: int) -> tuple[Tensor, Tensor]:
@@ -79,20 +91,31 @@ def model_paths(num_paths: int) -> tuple[Tensor, Tensor]:
 def test_statistics_of_a_hand_made_result() -> None:
     metric = SpaceFolding()
     layer_chi = [[0.0, 0.1], [0.5, 0.0], [0.25, 0.2], [0.0, 0.0], [0.75, 0.3]]
-    metric.update_from_result(make_result([0.0, 0.5, 0.25, 0.0, 0.75], layer_chi, ["features.1", "features.3"]))
+    chi_max = [0.0, 0.6, 0.5, 0.0, 0.8]
+    layer_chi_max = [[0.0, 0.2], [0.5, 0.0], [0.5, 0.2], [0.0, 0.0], [0.75, 0.6]]
+    result = make_result([0.0, 0.5, 0.25, 0.0, 0.75], layer_chi, ["features.1", "features.3"], chi_max, layer_chi_max)
+    metric.update_from_result(result)
     values = metric.compute()
     assert list(values) == [
         "folding",
         "folding_median_nonzero",
         "folded_fraction",
+        "folding_max",
+        "folding_max_median_nonzero",
         "layer/features.1",
         "layer/features.3",
+        "layer_max/features.1",
+        "layer_max/features.3",
     ]
     assert values["folding"].item() == pytest.approx(0.3)
     assert values["folding_median_nonzero"].item() == pytest.approx(0.5)
     assert values["folded_fraction"].item() == pytest.approx(0.6)
+    assert values["folding_max"].item() == pytest.approx(1.9 / 5)
+    assert values["folding_max_median_nonzero"].item() == pytest.approx(0.6)
     assert values["layer/features.1"].item() == pytest.approx(0.3)
     assert values["layer/features.3"].item() == pytest.approx(0.12)
+    assert values["layer_max/features.1"].item() == pytest.approx(1.75 / 5)
+    assert values["layer_max/features.3"].item() == pytest.approx(0.2)
 
 
 def test_median_of_an_even_count_is_the_mean_of_the_two_middle_values() -> None:
@@ -214,7 +237,15 @@ def test_reset_forgets_paths_and_layer_names() -> None:
     metric.update_from_result(make_result([0.5], [[0.5]], ["a"]))
     metric.reset()
     metric.update_from_result(make_result([0.0], [[0.0]], ["b"]))
-    assert list(metric.compute()) == ["folding", "folding_median_nonzero", "folded_fraction", "layer/b"]
+    assert list(metric.compute()) == [
+        "folding",
+        "folding_median_nonzero",
+        "folded_fraction",
+        "folding_max",
+        "folding_max_median_nonzero",
+        "layer/b",
+        "layer_max/b",
+    ]
 
 
 def test_merged_states_with_different_layers_are_rejected() -> None:
@@ -231,7 +262,8 @@ def test_float64_states() -> None:
     metric.update_from_result(make_result([0.5, 0.0], [[0.5], [0.0]], ["a"]))
     values = metric.compute()
     assert values["folding"].dtype == torch.float64
-    assert list(values)[-1] == "layer/a"
+    assert values["folding_max"].dtype == torch.float64
+    assert list(values)[-2:] == ["layer/a", "layer_max/a"]
 
 
 # --- argument checks ---------------------------------------------------------------------------------------------
@@ -351,9 +383,13 @@ def test_metric_collection_with_prefix() -> None:
         "val/folding",
         "val/folding_median_nonzero",
         "val/folded_fraction",
+        "val/folding_max",
+        "val/folding_max_median_nonzero",
         *(f"val/layer/{name}" for name in expected.layer_names),
+        *(f"val/layer_max/{name}" for name in expected.layer_names),
     }
     torch.testing.assert_close(values["val/folding"], expected.chi.mean())
+    torch.testing.assert_close(values["val/folding_max"], expected.chi_max.mean())
 
 
 def test_metric_tracker() -> None:
@@ -419,7 +455,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def _slice(result: FoldingResult, first: int, stop: int) -> FoldingResult:
-    return make_result(result.chi[first:stop].tolist(), result.layer_chi[first:stop].tolist(), result.layer_names)
+    return result.select(slice(first, stop))
 
 
 def _free_port() -> int:
