@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any, Literal
+from types import MethodType
+from typing import Any, Literal, TypeAlias
 
 import lightning.pytorch as pl
 import numpy as np
@@ -73,6 +74,9 @@ _REG_PAIRS = ("batch", "probe")
 _ON_ERROR = ("warn", "raise")
 # Strategies that gather parameters in every forward pass: all processes must run the same forward passes.
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+ModuleFunction: TypeAlias = Callable[[pl.LightningModule, Tensor], Tensor]
+"""A function of the LightningModule and a batch, as ``embedding_fn`` and ``forward_fn`` take from Python."""
 
 
 class SpaceFoldingCallback(Callback):
@@ -171,10 +175,12 @@ class SpaceFoldingCallback(Callback):
             (of process 0's share under DDP), sampled at ``steps`` points.
         seed: Seed of the probe set and the pairs; the training run's RNG is not touched.
         embedding_fn: Name of the LightningModule's method that maps a batch of probe inputs (e.g. token ids
-            ``[B, T]``) to the floating-point tensors between which paths run (e.g. embeddings ``[B, T, D]``);
-            ``None``: paths run between the inputs themselves, which must then be floating point.
+            ``[B, T]``) to the floating-point tensors between which paths run (e.g. embeddings ``[B, T, D]``), or
+            from Python a callable ``(module, inputs) -> embeddings``; ``None``: paths run between the inputs
+            themselves, which must then be floating point.
         forward_fn: Name of the LightningModule's method that maps a batch of points of that space to outputs
-            (e.g. the network after its embedding); ``None``: the module itself.
+            (e.g. the network after its embedding), or from Python a callable ``(module, points) -> outputs``;
+            ``None``: the module itself.
         on_error: What a measurement that fails does: ``warn`` (report it once per distinct error, skip the step and
             go on training) or ``raise`` (end the run with the error, on every process).
         regularize: Add the folding regulariser to the training loss.
@@ -214,8 +220,8 @@ class SpaceFoldingCallback(Callback):
         figures_every_n_measurements: int = 5,
         num_example_paths: int = 4,
         seed: int = 0,
-        embedding_fn: str | None = None,
-        forward_fn: str | None = None,
+        embedding_fn: str | ModuleFunction | None = None,
+        forward_fn: str | ModuleFunction | None = None,
         on_error: Literal["warn", "raise"] = "warn",
         regularize: bool = False,
         reg_weight: float = 0.01,
@@ -264,8 +270,11 @@ class SpaceFoldingCallback(Callback):
         if not is_int(seed, 0):
             raise ValueError(f"`seed` must be an integer >= 0, got {seed!r}.")
         for name, method in (("embedding_fn", embedding_fn), ("forward_fn", forward_fn)):
-            if method is not None and not (isinstance(method, str) and method.isidentifier()):
-                raise TypeError(f"`{name}` must be None or the name of a LightningModule method, got {method!r}.")
+            if method is not None and not (isinstance(method, str) and method.isidentifier()) and not callable(method):
+                raise TypeError(
+                    f"`{name}` must be None, the name of a LightningModule method or a callable (module, tensor) -> "
+                    f"tensor, got {method!r}."
+                )
         if on_error not in _ON_ERROR:
             raise ValueError(f"`on_error` must be one of {_ON_ERROR}, got {on_error!r}.")
         if not is_real(reg_weight, 0):
@@ -342,7 +351,7 @@ class SpaceFoldingCallback(Callback):
             input_key=self.input_key,
             label_key=self.label_key,
             seed=self.seed,
-            embedding_fn=self.embedding_fn,
+            embedding_fn=_describe(self.embedding_fn),
             regularize=self.regularize,
             reg_pairs=self.reg_pairs,
             reg_num_pairs=self.reg_num_pairs,
@@ -529,10 +538,13 @@ class SpaceFoldingCallback(Callback):
         return embedded
 
     def _method(self, pl_module: pl.LightningModule, argument: Literal["embedding_fn", "forward_fn"]) -> Forward | None:
-        """The module's method named by ``embedding_fn`` or ``forward_fn``, or ``None`` when not set."""
+        """The method named by ``embedding_fn`` or ``forward_fn``, a callable bound to the module, or ``None``."""
         name = getattr(self, argument)
         if name is None:
             return None
+        if callable(name):
+            # Bound like a method: the same function and module give an equal callable at every measurement.
+            return MethodType(name, pl_module)
         method = getattr(pl_module, name, None)
         if not callable(method):
             raise ValueError(
@@ -553,7 +565,7 @@ class SpaceFoldingCallback(Callback):
         found = discover_layers(
             pl_module, starts, self._inputs(trainer, pl_module, first.ends), self._method(pl_module, "forward_fn")
         )
-        names = [found[index].name for index in select_layers(pl_module, [layer.name for layer in found], self.layers)]
+        names = [found[index].name for index in select_layers([layer.name for layer in found], self.layers)]
         start_labels, end_labels = pairs.start_labels, pairs.end_labels
         num_classes = None
         if start_labels is not None and end_labels is not None:
@@ -740,6 +752,13 @@ class SpaceFoldingCallback(Callback):
                 "(on_error='raise'); its error ends the run there."
             )
         self._failures.warn(trainer, failed_ranks, error, what)
+
+
+def _describe(function: str | ModuleFunction | None) -> str | None:
+    """A name that stays the same from run to run: a method's name, or a callable's qualified name."""
+    if function is None or isinstance(function, str):
+        return function
+    return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__name__)}"
 
 
 def _padded_share(num_pairs: int, world_size: int, rank: int) -> tuple[Tensor, int]:

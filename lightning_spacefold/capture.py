@@ -36,6 +36,7 @@ __all__ = [
     "ActivationRule",
     "LayerInfo",
     "LayersChangedError",
+    "activation_modules",
     "capture_activations",
     "check_forward",
     "find_layers",
@@ -519,6 +520,11 @@ def find_layers(model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], An
             names, capture.activations, pre_activations, capture.modules, strict=True
         )
     ]
+
+
+def activation_modules(model: nn.Module) -> list[str]:
+    """Qualified names of the model's activation modules (those with a registered rule), in definition order."""
+    return [name for name, module in model.named_modules() if _module_rule(module) is not None]
 
 
 def check_forward(forward: object) -> None:

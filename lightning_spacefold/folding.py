@@ -20,6 +20,7 @@ from lightning_spacefold.capture import (
     ActivationRule,
     LayerInfo,
     LayersChangedError,
+    activation_modules,
     capture_activations,
     check_batch_first,
     check_forward,
@@ -67,18 +68,48 @@ def discover_layers(
         starts: Path starts ``[P, *input_shape]``.
         ends: Path ends, same shape.
         forward: As in :func:`path_folding`.
-        reuse: Return the layers found last time for this model and inputs of this shape, dtype and device without
-            running it (a forward pass on two points costs up to a quarter of a measurement); use it through
-            :func:`with_known_layers`, which checks them.
+        reuse: Return the layers found last time for this model, ``forward`` and inputs of this shape, dtype and
+            device without running it (a forward pass on two points costs up to a quarter of a measurement); use it
+            through :func:`with_known_layers`, which checks them.
+
+    Raises:
+        ValueError: If the forward pass runs no supported activation (naming the model's activation modules when
+            ``forward`` ran none of them).
     """
-    key = (starts.shape[1:], starts.dtype, starts.device)
+    key = (starts.shape[1:], starts.dtype, starts.device, _identity(forward))
     if reuse:
         known = _KNOWN_LAYERS.get(model)
         if known is not None and known[0] == key:
             return known[1]
+    _KNOWN_LAYERS.pop(model, None)  # a discovery that fails leaves nothing behind
     found = find_layers(model, torch.cat([starts[:1], ends[:1]]), forward)
+    if not found:
+        raise _no_layers_error(model, forward)
     _KNOWN_LAYERS[model] = (key, found)
     return found
+
+
+def _identity(forward: Forward | None) -> Hashable:
+    """What tells one ``forward`` from another without keeping it (or, through a bound method, the model) alive."""
+    if forward is None:
+        return None
+    return id(getattr(forward, "__self__", None)), id(getattr(forward, "__func__", forward))
+
+
+def _no_layers_error(model: nn.Module, forward: Forward | None) -> ValueError:
+    activations = activation_modules(model)
+    if forward is not None and activations:
+        return ValueError(
+            f"`forward` ran none of the model's activation layers (the model has {', '.join(activations[:5])}"
+            f"{', ...' if len(activations) > 5 else ''}). `forward` must run the model on the points it is given "
+            "and return its output, e.g. `forward=lambda points: model(inputs_embeds=points).logits`."
+        )
+    found = sorted({type(module).__name__ for module in model.modules()})
+    return ValueError(
+        f"No supported activation found in the model (its modules: {', '.join(found)}). Folding is measured on "
+        "activation layers: use a supported activation (ReLU, GELU, Tanh, ...) or register a custom one with "
+        "lightning_spacefold.register_activation(MyActivation)."
+    )
 
 
 _KNOWN_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, list[LayerInfo]]] = weakref.WeakKeyDictionary()
@@ -290,7 +321,7 @@ def _exact_folding(
     forward: Forward | None,
     found: list[LayerInfo],
 ) -> FoldingResult:
-    selected = select_layers(model, [layer.name for layer in found], layers)
+    selected = select_layers([layer.name for layer in found], layers)
     # Crossing times need the model's own precision: bfloat16 breaks the affine models of the traversal.
     with torch.autocast(starts.device.type, enabled=False):
         return exact_folding(
@@ -309,7 +340,7 @@ def _sampled_folding(
     forward: Forward | None,
     found: list[LayerInfo],
 ) -> FoldingResult:
-    selected = select_layers(model, [layer.name for layer in found], layers)
+    selected = select_layers([layer.name for layer in found], layers)
     names = [found[index].name for index in selected]
     batch_size = default_batch_size(found, starts) if batch_size is None else batch_size
     num_paths, num_points = len(starts), steps + 1
@@ -410,7 +441,7 @@ def path_patterns(
     """
     check_path_arguments(model, starts, ends, steps, None, forward)
     found = discover_layers(model, starts, ends, forward)
-    selected = select_layers(model, [layer.name for layer in found], layers)
+    selected = select_layers([layer.name for layer in found], layers)
     t = torch.arange(steps + 1, dtype=torch.float64, device=starts.device) / steps
     finite = FiniteCheck([found[index].name for index in selected])
 
@@ -476,11 +507,10 @@ def check_path_arguments(
         raise ValueError(f"`batch_size` must be None or an integer >= 1 (points per forward pass), got {batch_size!r}.")
 
 
-def select_layers(model: nn.Module, available: list[str], layers: Sequence[str] | None) -> list[int]:
+def select_layers(available: list[str], layers: Sequence[str] | None) -> list[int]:
     """Indices of the requested layers among the available ones, in forward order, with clear errors.
 
     Args:
-        model: The network (named in the error when it has no supported activation).
         available: Names of the model's activation layers, in forward order.
         layers: Requested names, or ``None`` for all.
 
@@ -489,15 +519,8 @@ def select_layers(model: nn.Module, available: list[str], layers: Sequence[str] 
 
     Raises:
         TypeError: If ``layers`` is not a sequence of names.
-        ValueError: If the model has no supported activation, ``layers`` is empty or names an unknown layer.
+        ValueError: If ``layers`` is empty or names an unknown layer.
     """
-    if not available:
-        found = sorted({type(module).__name__ for module in model.modules()})
-        raise ValueError(
-            f"No supported activation found in the model (its modules: {', '.join(found)}). Folding is measured on "
-            "activation layers: use a supported activation (ReLU, GELU, Tanh, ...) or register a custom one with "
-            "lightning_spacefold.register_activation(MyActivation)."
-        )
     if layers is None:
         return list(range(len(available)))
     if isinstance(layers, str) or not all(isinstance(name, str) for name in layers):

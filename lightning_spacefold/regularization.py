@@ -170,7 +170,7 @@ def _soft_folding(
     forward: Forward | None,
     found: list[LayerInfo],
 ) -> Tensor:
-    selected = select_layers(model, [layer.name for layer in found], layers)
+    selected = select_layers([layer.name for layer in found], layers)
 
     num_paths, num_points = len(starts), steps + 1
     dtype = torch.promote_types(starts.dtype, torch.float32)

@@ -135,6 +135,35 @@ def test_the_callback_embeds_with_the_current_model(tmp_path: Path) -> None:
     assert callback.latest_step == 1 and callback.latest_result.chi.tolist() == [0.0, 0.0]
 
 
+class DroppedTent(TokenTent):
+    """TokenTent whose embedding ends in dropout with p = 1: in train mode every embedding is 0, in eval mode kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(p=1.0)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.dropout(super().embed(tokens))
+
+
+def test_the_callback_embeds_the_probe_set_in_eval_mode(tmp_path: Path) -> None:
+    # Embedded in train mode, both paths would shrink to the point 0 (chi 0): dropout would be measured, not the model.
+    callback = between_embeddings(
+        every_n_train_steps=1,
+        num_pairs=2,
+        pairing="class",
+        include_same_class=False,
+        probe_dataset=TensorDataset(TOKENS[:2], torch.tensor([0, 1])),
+        log_figures=False,
+    )
+    model = DroppedTent()
+    trainer(tmp_path, callback, max_steps=1, limit_val_batches=0, logger=False).fit(
+        model, train_dataloaders=token_data()
+    )
+    assert callback.latest_step == 1 and sorted(callback.latest_result.chi.tolist()) == [0.25, 0.5]  # 0 -> 1, 1 -> 0
+    assert model.dropout.training  # train mode again after the measurement
+
+
 def test_the_regulariser_runs_between_embeddings(tmp_path: Path) -> None:
     callback = between_embeddings(
         every_n_train_steps=0,
@@ -159,7 +188,7 @@ def test_token_inputs_without_embedding_fn_say_what_to_set(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="`embedding_fn='embedd'` is not a method of TokenTent"):
         trainer(tmp_path, wrong, max_steps=1, limit_val_batches=0).fit(TokenTent(), train_dataloaders=token_data())
     with pytest.raises(TypeError, match="forward_fn"):
-        SpaceFoldingCallback(forward_fn=TokenTent.head)
+        SpaceFoldingCallback(forward_fn=42)
 
 
 class GatedMLP(nn.Module):
@@ -188,6 +217,10 @@ def test_swiglu_has_the_papers_bit() -> None:
     assert [(layer.name, layer.activation) for layer in find_layers(model, starts)] == [("down_proj", "SwiGLU")]
     result = path_folding(model, starts, ends, steps=16)
     assert result.chi.tolist() == [0.5] and (result.r1.item(), result.r2.item()) == (1, 2)
+    # chi is the same with every bit inverted; the patterns are not. At x = -1, -0.6, -0.2, 0.2, 0.6, 1: u and v of
+    # one sign, except at x = 0.2 (u > 0 > v).
+    patterns = path_patterns(model, starts, ends, steps=5)
+    assert patterns.flatten().tolist() == [True, True, True, False, True, True]
     with pytest.raises(ValueError, match="No submodule of GatedMLP is named 'w2'"):
         register_swiglu(model, "w2")
     with pytest.raises(ValueError, match="not piecewise linear|smooth"):
