@@ -82,6 +82,7 @@ from lightning_spacefold.capture import (
     has_functional_layers,
 )
 from lightning_spacefold.finite import FiniteCheck
+from lightning_spacefold.line import AFFINE_MAPS, linear_part
 from lightning_spacefold.measure import folding_from_ranges, pack_words, popcount, segment_sums
 from lightning_spacefold.result import FoldingResult
 
@@ -327,9 +328,6 @@ class _Probe:
 # Functions affine in their first argument whose third is a bias: the tangent is the function of the input's tangent
 # without the bias. PyTorch's forward-mode formulas for them also run the function on the primal with a zero weight
 # tangent (a third of the convolutions' cost).
-_BIASED_LINEAR_MAPS = frozenset(
-    {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
-)
 
 
 def _no_tangent(*tensors: Any) -> bool:
@@ -345,10 +343,8 @@ def _affine_tangent(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
     tangent = fwAD.unpack_dual(args[0]).tangent
     if tangent is None:
         return None
-    if func in _BIASED_LINEAR_MAPS and _no_tangent(*args[1:], *kwargs.values()):
-        if len(args) > 2:
-            args = (*args[:2], None, *args[3:])
-        return func(tangent, *args[1:], **{**kwargs, "bias": None} if "bias" in kwargs else kwargs)
+    if func in AFFINE_MAPS and _no_tangent(*args[1:], *kwargs.values()):
+        return linear_part(func, tangent, args, kwargs)
     if func is F.batch_norm:
         # In eval mode with running statistics batch norm is the affine map ``(x - mean) * weight / std + bias``.
         named = {**dict(zip(_BATCH_NORM_PARAMETERS, args[1:], strict=False)), **kwargs}
@@ -375,7 +371,7 @@ class _TraversalOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if args and (func in _BIASED_LINEAR_MAPS or func is F.batch_norm):
+        if args and (func in AFFINE_MAPS or func is F.batch_norm):
             tangent = _affine_tangent(func, args, kwargs)
             if tangent is not None:
                 return fwAD.make_dual(func(fwAD.unpack_dual(args[0]).primal, *args[1:], **kwargs), tangent)

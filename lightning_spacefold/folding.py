@@ -31,6 +31,7 @@ from lightning_spacefold.capture import (
 from lightning_spacefold.checks import is_int
 from lightning_spacefold.exact import exact_folding
 from lightning_spacefold.finite import FiniteCheck, finite_sum
+from lightning_spacefold.line import LineShortcut, segment_points
 from lightning_spacefold.measure import folding_from_ranges, pack_words, popcount, prefix_folding, segment_sums
 from lightning_spacefold.result import FoldingResult
 
@@ -129,23 +130,6 @@ def with_known_layers(
         return measure(discover_layers(model, starts, ends, forward, reuse=True))
     except LayersChangedError:
         return measure(discover_layers(model, starts, ends, forward))
-
-
-def segment_points(starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
-    """Points ``(1 - t) x1 + t x2`` of each segment at the parameters ``t``, exact at both ends.
-
-    Args:
-        starts: ``[G, *shape]``.
-        ends: ``[G, *shape]``.
-        t: ``[K]`` parameters in ``[0, 1]``.
-
-    Returns:
-        ``[G * K, *shape]`` in the inputs' dtype; interpolated in at least float32.
-    """
-    compute_dtype = torch.promote_types(starts.dtype, torch.float32)
-    weights = t.to(compute_dtype).view(1, -1, *([1] * (starts.ndim - 1)))
-    points = torch.lerp(starts.to(compute_dtype).unsqueeze(1), ends.to(compute_dtype).unsqueeze(1), weights)
-    return points.flatten(0, 1).to(starts.dtype)
 
 
 class _Walk:
@@ -350,7 +334,7 @@ def _sampled_folding(
     run = model if forward is None else forward
     walks, distances, walked = [], [], []
     finite = FiniteCheck(names)
-    with evaluation_mode(model):
+    with evaluation_mode(model), LineShortcut() as line:
         for first in range(0, num_paths, group_size):
             group = slice(first, first + group_size)
             walk = _Walk(names, len(starts[group]), starts.device, finite)
@@ -361,7 +345,8 @@ def _sampled_folding(
                     chunk_t = t[begin : begin + chunk_size]
                     walk.chunk_points = len(chunk_t)
                     capture.reset()
-                    output = run(segment_points(starts[group], ends[group], chunk_t))
+                    output = run(line.points(starts[group], ends[group], chunk_t))
+                    line.end_pass()
                     capture.check_pass()
                     chunk_distances, chunk_walked = walk.end_chunk(output)
                     if return_distances:
@@ -452,8 +437,9 @@ def path_patterns(
     with (
         evaluation_mode(model),
         capture_activations(model, bits, frozenset(selected), has_functional_layers(found)) as capture,
+        LineShortcut() as line,
     ):
-        finite.end_pass((model if forward is None else forward)(segment_points(starts, ends, t)))
+        finite.end_pass((model if forward is None else forward)(line.points(starts, ends, t)))
     finite.check()
     return torch.cat(capture.values, dim=1).unflatten(0, (len(starts), steps + 1))
 

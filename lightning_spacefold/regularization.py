@@ -75,10 +75,10 @@ from lightning_spacefold.capture import (
 from lightning_spacefold.folding import (
     Forward,
     check_path_arguments,
-    segment_points,
     select_layers,
     with_known_layers,
 )
+from lightning_spacefold.line import LineShortcut
 
 __all__ = ["SCHEDULES", "folding_penalty", "regularization_weight", "soft_folding"]
 
@@ -197,8 +197,9 @@ def _soft_folding(
         capture_activations(
             model, soft_bits, frozenset(selected), has_functional_layers(found), expected=found
         ) as capture,
+        LineShortcut() as line,
     ):
-        output = (model if forward is None else forward)(segment_points(starts, ends, t))
+        output = (model if forward is None else forward)(line.points(starts, ends, t))
         capture.check_pass()
     if isinstance(output, Tensor) and output.is_floating_point() and output.shape[:1] == (num_paths * num_points,):
         finite.append(torch.isfinite(output.detach().reshape(num_paths, -1).sum(-1)))

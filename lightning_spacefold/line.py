@@ -1,0 +1,124 @@
+"""Paths are straight lines: the network's first affine map evaluated at the ends of each segment only.
+
+Every point of a path lies on one segment, ``x(t) = s + t (e - s)``. An affine map ``A`` (a linear layer, a
+convolution) applied to the points is affine in ``t`` too: ``A(x(t)) = A(s) + t L(e - s)``, with ``L`` the map
+without its bias. When the points enter the network through such a map, possibly after steps that only reshape them
+(``nn.Flatten``, a view), :class:`LineShortcut` computes ``A(s)`` and ``L(e - s)`` once per segment and every
+point's output from them, instead of running the map on every point. For an MLP whose first layer is its widest,
+that is most of the forward pass.
+
+The network still receives the points themselves: any other use of the input (a skip connection from it, a
+concatenation) sees the real values, and a call is only taken over when its input is recognised as the points: the
+same memory, row for row, unmodified since they were made. Everything else runs as it is. The results equal those
+of running the map on every point up to float rounding (the two sides of the identity round differently), which
+can only change a bit whose pre-activation lies within a few units in the last place of zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["AFFINE_MAPS", "LineShortcut", "linear_part", "segment_points"]
+
+AFFINE_MAPS = frozenset(
+    {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+)
+"""Functions affine in their first argument, with an optional ``bias`` as their third."""
+
+
+def linear_part(func: Any, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """The map ``func(args[0], *args[1:], **kwargs)`` of :data:`AFFINE_MAPS` without its bias, applied to ``x``."""
+    rest = (args[1], None, *args[3:]) if len(args) > 2 else args[1:]
+    return func(x, *rest, **{**kwargs, "bias": None} if "bias" in kwargs else kwargs)
+
+
+def segment_points(starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
+    """Points ``(1 - t) x1 + t x2`` of each segment at the parameters ``t``, exact at both ends.
+
+    Args:
+        starts: ``[G, *shape]``.
+        ends: ``[G, *shape]``.
+        t: ``[K]`` parameters in ``[0, 1]``.
+
+    Returns:
+        ``[G * K, *shape]`` in the inputs' dtype, segment after segment; interpolated in at least float32.
+    """
+    compute_dtype = torch.promote_types(starts.dtype, torch.float32)
+    weights = t.to(compute_dtype).view(1, -1, *([1] * (starts.ndim - 1)))
+    points = torch.lerp(starts.to(compute_dtype).unsqueeze(1), ends.to(compute_dtype).unsqueeze(1), weights)
+    return points.flatten(0, 1).to(starts.dtype)
+
+
+class _Segments:
+    """The points of one forward pass and the segments they lie on."""
+
+    def __init__(self, starts: Tensor, ends: Tensor, t: Tensor) -> None:
+        self.starts, self.ends, self.t = starts, ends, t
+        self.points = segment_points(starts, ends, t)
+        self.version = self.points._version
+
+    def hold(self, x: Any) -> bool:
+        """Whether ``x`` is the points, unmodified, row for row (itself or a reshaped view of it)."""
+        points = self.points
+        return (
+            type(x) is Tensor
+            and x.device == points.device
+            and x.data_ptr() == points.data_ptr()
+            and x.dtype == points.dtype
+            and x.shape[:1] == points.shape[:1]
+            and x.numel() == points.numel()
+            and x.is_contiguous()
+            and points._version == self.version  # no in-place change since they were made
+        )
+
+    def affine(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """``func`` of the points, from its value at each segment's start and its linear part along it."""
+        row_shape = args[0].shape[1:]
+        compute_dtype = torch.promote_types(self.starts.dtype, torch.float32)
+        direction = (self.ends.to(compute_dtype) - self.starts.to(compute_dtype)).to(self.starts.dtype)
+        at_start = func(self.starts.reshape(-1, *row_shape), *args[1:], **kwargs)  # [G, *out]
+        along = linear_part(func, direction.reshape(-1, *row_shape), args, kwargs)
+        out_dtype = torch.promote_types(at_start.dtype, torch.float32)
+        t = self.t.to(out_dtype).view(1, -1, *([1] * (at_start.ndim - 1)))
+        outputs = torch.addcmul(at_start.to(out_dtype).unsqueeze(1), t, along.to(out_dtype).unsqueeze(1))
+        return outputs.flatten(0, 1).to(at_start.dtype)
+
+
+class LineShortcut(TorchFunctionMode):
+    """While active, the first affine map that takes the points of :meth:`points` is evaluated on their segments.
+
+    One shortcut per forward pass: the map that the points enter. Use as a context manager around the passes::
+
+        with LineShortcut() as line:
+            for chunk_t in chunks:
+                output = model(line.points(starts, ends, chunk_t))
+                line.end_pass()
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._segments: _Segments | None = None
+        self.shortcuts = 0  # forward passes that took the shortcut
+
+    def points(self, starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
+        """The points ``[G * K, *shape]`` of the segments ``starts[G] -> ends[G]`` at ``t[K]``, for the next pass."""
+        self._segments = _Segments(starts, ends, t)
+        return self._segments.points
+
+    def end_pass(self) -> None:
+        """Forget the pass's points (a pass whose points entered no affine map ran as it is)."""
+        self._segments = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        segments = self._segments
+        if segments is not None and func in AFFINE_MAPS and args and segments.hold(args[0]):
+            self._segments = None
+            self.shortcuts += 1
+            return segments.affine(func, args, kwargs)
+        return func(*args, **kwargs)

@@ -1,0 +1,170 @@
+"""The first affine map evaluated at the ends of each segment (lightning_spacefold.line)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_spacefold import path_folding, path_patterns, soft_folding
+from lightning_spacefold.line import LineShortcut, _Segments, segment_points
+
+
+@pytest.fixture
+def taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of rows of every affine call the shortcut took (one entry per forward pass that took it)."""
+    rows: list[int] = []
+    affine = _Segments.affine
+
+    def counted(self: _Segments, func, args, kwargs):
+        rows.append(len(self.starts))
+        return affine(self, func, args, kwargs)
+
+    monkeypatch.setattr(_Segments, "affine", counted)
+    return rows
+
+
+def without_shortcut(monkeypatch: pytest.MonkeyPatch, measure):
+    with monkeypatch.context() as patch:
+        patch.setattr(_Segments, "hold", lambda self, x: False)
+        return measure()
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(49, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4, 10),
+    )
+
+
+class PatchEmbedding(nn.Module):
+    """A ViT's stem: a strided convolution into patches, then tokens, a GELU MLP per token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patches = nn.Conv2d(1, 8, kernel_size=7, stride=7)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.patches(images).flatten(2).transpose(1, 2)  # [B, 1, 8]
+        return self.mlp(tokens).mean(1)
+
+
+class InputSkip(nn.Module):
+    """The input reaches the output twice: through the first layer and concatenated to its activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.Linear(49, 16), nn.Linear(16 + 49, 8)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.flatten(1)
+        return torch.relu(self.second(torch.cat([torch.relu(self.first(x)), x], dim=1)))
+
+
+class ScalesInPlace(nn.Module):
+    """Doubles its input in place before the first layer: the points are no longer those of the segment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(49, 16)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.first(images.mul_(2).flatten(1)))
+
+
+class Transposed(nn.Module):
+    """Runs its first layer on the transposed image: rows of the first layer's input are not points."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(7, 16)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.first(images[:, 0].transpose(1, 2))).flatten(1)
+
+
+def paths(count: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(count, 1, 7, 7, generator=generator), torch.randn(count, 1, 7, 7, generator=generator)
+
+
+@pytest.mark.parametrize("make", [mlp, cnn, PatchEmbedding, InputSkip])
+def test_same_folding_as_every_point_through_the_map(make, taken: list[int], monkeypatch) -> None:
+    model, (starts, ends) = make(), paths()
+    result = path_folding(model, starts, ends, steps=40, batch_size=100, return_distances=True)
+    # 12 paths of 41 points in passes of 100 points: two paths a pass, each pass on 2 segment ends.
+    assert taken == [2] * 6
+    expected = without_shortcut(monkeypatch, lambda: path_folding(model, starts, ends, steps=40, batch_size=100))
+    assert torch.equal(result.r1, expected.r1) and torch.equal(result.r2, expected.r2)
+    assert torch.equal(result.layer_r2, expected.layer_r2)
+    assert torch.equal(result.chi_max, expected.chi_max)
+    assert bool((result.r2 > 0).all())
+    patterns = path_patterns(model, starts, ends, steps=40)
+    assert torch.equal(patterns, without_shortcut(monkeypatch, lambda: path_patterns(model, starts, ends, steps=40)))
+
+
+@pytest.mark.parametrize("make", [ScalesInPlace, Transposed])
+def test_inputs_that_are_not_the_points_run_as_they_are(make, taken: list[int], monkeypatch) -> None:
+    model, (starts, ends) = make(), paths()
+    result = path_folding(model, starts, ends, steps=20)
+    assert taken == []
+    expected = without_shortcut(monkeypatch, lambda: path_folding(model, starts, ends, steps=20))
+    assert torch.equal(result.r2, expected.r2) and bool((result.r2 > 0).all())
+
+
+def test_the_shortcut_outputs_equal_the_map_of_every_point() -> None:
+    # The identity behind the shortcut, for a convolution with a bias keyword, stride and padding, in float64.
+    generator = torch.Generator().manual_seed(0)
+    starts, ends = torch.randn(3, 2, 9, 9, generator=generator), torch.randn(3, 2, 9, 9, generator=generator)
+    weight, bias = torch.randn(5, 2, 3, 3, generator=generator), torch.randn(5, generator=generator)
+    t = torch.linspace(0, 1, 7, dtype=torch.float64)
+    points = segment_points(starts.double(), ends.double(), t)
+    with LineShortcut() as line:
+        shortcut = F.conv2d(
+            line.points(starts.double(), ends.double(), t), weight.double(), bias=bias.double(), stride=2
+        )
+        assert line.shortcuts == 1
+    torch.testing.assert_close(shortcut, F.conv2d(points, weight.double(), bias=bias.double(), stride=2))
+
+
+def test_under_autocast(taken: list[int], monkeypatch) -> None:
+    model, (starts, ends) = mlp(), paths()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        patterns = path_patterns(model, starts, ends, steps=40)
+        expected = without_shortcut(monkeypatch, lambda: path_patterns(model, starts, ends, steps=40))
+    assert taken == [12]
+    # bfloat16 keeps 8 bits: the two ways round differently, so a pre-activation within its rounding of zero may
+    # take the other bit.
+    assert (patterns != expected).float().mean().item() < 0.01
+    assert (patterns != expected).any(-1).float().mean().item() < 0.2
+
+
+def test_gradients_of_the_soft_folding_are_those_of_every_point(taken: list[int], monkeypatch) -> None:
+    model, (starts, ends) = mlp(), paths()
+
+    def gradient() -> torch.Tensor:
+        model.zero_grad()
+        soft_folding(model, starts, ends, steps=16).mean().backward()
+        return model[1].weight.grad.clone()
+
+    shortcut = gradient()
+    assert taken == [12]
+    torch.testing.assert_close(shortcut, without_shortcut(monkeypatch, gradient), rtol=1e-4, atol=1e-6)
+    assert shortcut.abs().sum() > 0
