@@ -12,7 +12,8 @@ The same ReLU MLP (three hidden layers of 16 units) learns each task with severa
 point to its mirror image under each reflection cross that mirror; their exact folding (whole network and per
 layer) is compared with random validation pairs. ``plane.png`` draws, for seed 0 of each task, the input plane
 coloured by activation pattern (all layers, then the last hidden layer alone, where mirror images that share a
-pattern share a colour), the class boundaries, and a few mirror paths with their chi.
+pattern share a colour, drawn by ``lightning_spacefold.plots.regions``), the class boundaries, and a few mirror paths
+with their exact chi on the layers of the panel.
 
 With ``--dataset digits|mnist1d``: the examples' MLP (three hidden layers of 32 units) trained on the dataset with
 the mirror image of every training input added under the same label (digits: flipped left to right; MNIST-1D: the
@@ -35,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
@@ -52,7 +52,7 @@ from digits import (
     write_results,
 )
 
-from lightning_spacefold import path_folding, path_patterns
+from lightning_spacefold import find_layers, path_folding, plots
 from lightning_spacefold.sampling import random_pairs
 
 CENTRES = {"rings": (0.0, 0.0), "off-centre rings": (1.0, 0.0)}
@@ -164,45 +164,32 @@ def markdown(rows: list[Row], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def region_ids(model: nn.Module, resolution: int, layers: list[str] | None) -> Tensor:
-    """Activation pattern of every point of a ``resolution`` x ``resolution`` grid over the plane, as small ids."""
-    rows = torch.linspace(1, -1, resolution, dtype=torch.float32)
-    starts = torch.stack([torch.full_like(rows, -1.0), rows], dim=1)
-    ends = torch.stack([torch.ones_like(rows), rows], dim=1)
-    patterns = path_patterns(model, starts, ends, steps=resolution - 1, layers=layers)  # one path per grid row
-    _, ids = torch.unique(patterns.flatten(0, 1), dim=0, return_inverse=True)
-    return ids.view(resolution, resolution)
-
-
 def figure(models: dict[str, nn.Module], resolution: int) -> Figure:
     """Per task: regions of all layers and of the last hidden layer, class boundaries, mirror paths and their chi."""
     fig = Figure(figsize=(10, 10), layout="constrained")
     grid = torch.stack(
         torch.meshgrid(torch.linspace(1, -1, resolution), torch.linspace(-1, 1, resolution), indexing="ij")[::-1], -1
     )
-    palette = torch.rand(4096, 3, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.4
     starts = torch.tensor(DRAWN)
     ends = torch.cat([MIRRORS["x1 -> -x1"](starts[:-1]), MIRRORS["x2 -> -x2"](starts[-1:])])
+    plane = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # x0, x1, x2: plane coordinates = input coordinates
+    drawing = {"resolution": resolution, "span": (-1, 1), "paths": (starts, ends)}
     for row, (task, model) in enumerate(models.items()):
-        chi = path_folding(model, starts, ends, exact=True).chi
         with torch.no_grad():
             classes = model(grid.reshape(-1, 2)).argmax(-1).view(resolution, resolution)
-        last = [name for name in path_folding(model, starts[:1], ends[:1], steps=1).layer_names][-1:]
+        last = [find_layers(model, starts[:1])[-1].name]
         for column, (layers, title) in enumerate([(None, "all layers"), (last, "last hidden layer")]):
-            ids = region_ids(model, resolution, layers)
             axes = fig.add_subplot(2, 2, 2 * row + column + 1)
-            colours = ListedColormap(palette[: int(ids.max()) + 1].numpy())
-            axes.imshow(ids.numpy(), cmap=colours, extent=(-1, 1, -1, 1), interpolation="nearest")
+            heading = f"{task}: {{patterns}} patterns of {title}"
+            plots.regions(model, *plane, layers=layers, title=heading, axes=axes, **drawing)
             axes.contour(
                 grid[..., 0].numpy(), grid[..., 1].numpy(), classes.numpy(), levels=[0.5, 1.5], colors="black",
                 linewidths=1.2,
             )  # fmt: skip
-            for start, end, value in zip(starts.tolist(), ends.tolist(), chi.tolist(), strict=True):
-                axes.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "->", "color": "black", "lw": 1.5})
-                axes.text(*start, f"chi={value:.2f}", fontsize=8, ha="center", va="bottom", backgroundcolor="white")
             axes.axvline(0, color="white", linestyle=":", linewidth=1)
-            axes.set_title(f"{task}: {int(ids.max()) + 1} patterns of {title}", fontsize=10)
-    fig.suptitle("Activation regions (colours), class boundaries (black) and mirror paths with their exact chi")
+    fig.suptitle(
+        "Activation regions (colours), class boundaries (black) and mirror paths with their exact chi on those layers"
+    )
     return fig
 
 

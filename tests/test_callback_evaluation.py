@@ -68,6 +68,10 @@ def test_a_checkpoint_is_measured_at_its_step(tmp_path: Path) -> None:
     assert scalar_steps(tmp_path / "tb" / "version_0", "spacefold/folding") == [5]
     trained = Classifier.load_from_checkpoint(path)
     assert sorted(callback.latest_result.chi.tolist()) == both_ways(trained, VALIDATION)
+    # The step was the checkpoint's: a plain validate with the same callback logs at its own trainer's step, 0.
+    trainer(tmp_path / "plain", callback).validate(trained, datamodule=TwoPoints())
+    assert callback.latest_step == 0
+    assert scalar_steps(tmp_path / "plain" / "tb" / "version_0", "spacefold/folding") == [0]
 
 
 def test_the_cli_validates_a_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
