@@ -82,7 +82,7 @@ from lightning_spacefold.capture import (
     has_functional_layers,
 )
 from lightning_spacefold.finite import FiniteCheck
-from lightning_spacefold.line import AFFINE_MAPS, linear_part
+from lightning_spacefold.line import AFFINE_MAPS, Segments, linear_part
 from lightning_spacefold.measure import folding_from_ranges, pack_words, popcount, segment_sums
 from lightning_spacefold.result import FoldingResult
 
@@ -255,9 +255,10 @@ class _Probe:
         ]
         self.reset(0)
 
-    def reset(self, num_points: int) -> None:
-        """Prepare for a forward pass over ``num_points`` points."""
+    def reset(self, num_points: int, line: Segments | None = None) -> None:
+        """Prepare for a forward pass over ``num_points`` points (on the segments of ``line``)."""
         self.num_points = num_points
+        self.line = line  # until the points enter their first affine map
         self.ahead: Tensor | float = math.inf
         self.behind: Tensor | float = -math.inf
         self.bits: list[Tensor] = []
@@ -371,6 +372,13 @@ class _TraversalOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        line = self.probe.line
+        if line is not None and func in AFFINE_MAPS and args and _no_tangent(*args[1:], *kwargs.values()):
+            primal = fwAD.unpack_dual(args[0]).primal
+            if line.hold(primal):
+                # The points' first affine map, from the segments' ends: its tangent is the same along each segment.
+                self.probe.line = None
+                return fwAD.make_dual(*line.affine(func, (primal, *args[1:]), kwargs))
         if args and (func in AFFINE_MAPS or func is F.batch_norm):
             tangent = _affine_tangent(func, args, kwargs)
             if tangent is not None:
@@ -397,14 +405,12 @@ def _evaluate(
     parts = []
     for begin in range(0, len(t), batch_size):
         chunk_path, chunk_t = path[begin : begin + batch_size], t[begin : begin + batch_size]
-        shape = (-1, *([1] * (starts.ndim - 1)))
-        first, second = starts[chunk_path], ends[chunk_path]
         # Interpolated in float64, then cast: as close to the segment as the dtype allows, exact at both ends.
-        points = torch.lerp(first, second, chunk_t.view(shape)).to(dtype)
-        probe.reset(len(chunk_t))
+        line = Segments(starts, ends, chunk_t, index=chunk_path, dtype=dtype)
+        probe.reset(len(chunk_t), line)
         capture.reset()
         with fwAD.dual_level():
-            output = run(fwAD.make_dual(points, (second - first).to(dtype)))
+            output = run(fwAD.make_dual(line.points, (ends - starts)[chunk_path].to(dtype)))
             # Non-finite values would also fail the consistency check, with a misleading message: report them first.
             probe.finite.end_pass(fwAD.unpack_dual(output).primal if isinstance(output, Tensor) else output)
             probe.finite.check()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["AFFINE_MAPS", "LineShortcut", "linear_part", "segment_points"]
+__all__ = ["AFFINE_MAPS", "LineShortcut", "Segments", "linear_part", "segment_points"]
 
 AFFINE_MAPS = frozenset(
     {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
@@ -54,12 +54,31 @@ def segment_points(starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
     return points.flatten(0, 1).to(starts.dtype)
 
 
-class _Segments:
-    """The points of one forward pass and the segments they lie on."""
+class Segments:
+    """The points of one forward pass and the segments they lie on.
 
-    def __init__(self, starts: Tensor, ends: Tensor, t: Tensor) -> None:
-        self.starts, self.ends, self.t = starts, ends, t
-        self.points = segment_points(starts, ends, t)
+    Args:
+        starts: Segment starts ``[G, *shape]``.
+        ends: Segment ends, same shape.
+        t: Parameters: ``[K]`` for every segment at every ``t`` (the points segment after segment, ``[G * K]``),
+            or ``[N]`` with ``index``.
+        index: The segment of each of the N points, ``[N]``; ``None`` for the grid above.
+        dtype: The points' dtype; the segments' by default.
+    """
+
+    def __init__(
+        self, starts: Tensor, ends: Tensor, t: Tensor, index: Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        self.dtype = starts.dtype if dtype is None else dtype
+        compute_dtype = torch.promote_types(starts.dtype, torch.float32)
+        self.starts, self.ends, self.t, self.index = starts.to(compute_dtype), ends.to(compute_dtype), t, index
+        if index is None:
+            self.points = segment_points(self.starts, self.ends, t).to(self.dtype)
+        else:
+            shape = (-1, *([1] * (starts.ndim - 1)))
+            self.points = torch.lerp(self.starts[index], self.ends[index], t.to(compute_dtype).view(shape)).to(
+                self.dtype
+            )
         self.version = self.points._version
 
     def hold(self, x: Any) -> bool:
@@ -76,17 +95,26 @@ class _Segments:
             and points._version == self.version  # no in-place change since they were made
         )
 
-    def affine(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        """``func`` of the points, from its value at each segment's start and its linear part along it."""
+    def affine(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """``func`` of the points ``args[0]``, and its linear part ``L(e - s)`` along the segments.
+
+        Both from two calls on the segments alone, ``func(s)`` and ``L(e - s)``: the points' values are
+        ``func(s) + t L(e - s)``, combined in at least float32. The linear part is per segment ``[G, *out]`` for the
+        grid, per point ``[N, *out]`` with ``index``.
+        """
         row_shape = args[0].shape[1:]
-        compute_dtype = torch.promote_types(self.starts.dtype, torch.float32)
-        direction = (self.ends.to(compute_dtype) - self.starts.to(compute_dtype)).to(self.starts.dtype)
-        at_start = func(self.starts.reshape(-1, *row_shape), *args[1:], **kwargs)  # [G, *out]
-        along = linear_part(func, direction.reshape(-1, *row_shape), args, kwargs)
+        at_start = func(self.starts.to(self.dtype).reshape(-1, *row_shape), *args[1:], **kwargs)  # [G, *out]
+        direction = (self.ends - self.starts).to(self.dtype).reshape(-1, *row_shape)
+        along = linear_part(func, direction, args, kwargs)
         out_dtype = torch.promote_types(at_start.dtype, torch.float32)
-        t = self.t.to(out_dtype).view(1, -1, *([1] * (at_start.ndim - 1)))
-        outputs = torch.addcmul(at_start.to(out_dtype).unsqueeze(1), t, along.to(out_dtype).unsqueeze(1))
-        return outputs.flatten(0, 1).to(at_start.dtype)
+        if self.index is None:
+            t = self.t.to(out_dtype).view(1, -1, *([1] * (at_start.ndim - 1)))
+            outputs = torch.addcmul(at_start.to(out_dtype).unsqueeze(1), t, along.to(out_dtype).unsqueeze(1))
+            return outputs.flatten(0, 1).to(at_start.dtype), along
+        along = along[self.index]
+        t = self.t.to(out_dtype).view(-1, *([1] * (at_start.ndim - 1)))
+        outputs = torch.addcmul(at_start[self.index].to(out_dtype), t, along.to(out_dtype))
+        return outputs.to(at_start.dtype), along
 
 
 class LineShortcut(TorchFunctionMode):
@@ -102,12 +130,12 @@ class LineShortcut(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self._segments: _Segments | None = None
+        self._segments: Segments | None = None
         self.shortcuts = 0  # forward passes that took the shortcut
 
     def points(self, starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
         """The points ``[G * K, *shape]`` of the segments ``starts[G] -> ends[G]`` at ``t[K]``, for the next pass."""
-        self._segments = _Segments(starts, ends, t)
+        self._segments = Segments(starts, ends, t)
         return self._segments.points
 
     def end_pass(self) -> None:
@@ -120,5 +148,5 @@ class LineShortcut(TorchFunctionMode):
         if segments is not None and func in AFFINE_MAPS and args and segments.hold(args[0]):
             self._segments = None
             self.shortcuts += 1
-            return segments.affine(func, args, kwargs)
+            return segments.affine(func, args, kwargs)[0]
         return func(*args, **kwargs)

@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_spacefold import FoldingResult, path_folding
-from lightning_spacefold.exact import _crossings, _Tally, _TraversalOps
+from lightning_spacefold.exact import _crossings, _Probe, _Tally, _TraversalOps
+from lightning_spacefold.line import Segments
 
 # A prime step count for dense sampling: t = i / steps is no simple fraction (as the breakpoints of the hand-built
 # networks are) other than 0 and 1, so no sample lands exactly on a breakpoint.
@@ -486,6 +487,11 @@ AFFINE_MAPS = {
 }
 
 
+def no_layers() -> _Probe:
+    """A probe of a pass without activation layers (and so without max pooling to watch)."""
+    return _Probe([], [], -1, torch.device("cpu"), torch.float64)
+
+
 @pytest.mark.parametrize("name", AFFINE_MAPS)
 def test_traversal_tangents_equal_forward_mode_ad(name: str) -> None:
     build, shape = AFFINE_MAPS[name]
@@ -496,7 +502,7 @@ def test_traversal_tangents_equal_forward_mode_ad(name: str) -> None:
         function.double()
     with torch.no_grad(), fwAD.dual_level():
         expected = fwAD.unpack_dual(function(fwAD.make_dual(x, direction)))  # PyTorch's forward-mode AD
-        with _TraversalOps(probe=None):
+        with _TraversalOps(probe=no_layers()):
             value, tangent = fwAD.unpack_dual(function(fwAD.make_dual(x, direction)))
     torch.testing.assert_close(value, expected.primal)
     torch.testing.assert_close(tangent, expected.tangent)
@@ -507,6 +513,25 @@ def test_traversal_runs_each_convolution_once_on_the_points_and_once_on_their_ta
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU()).eval()
     x = torch.randn(2, 1, 8, 8)
     counter = ConvolutionCount()
-    with torch.no_grad(), fwAD.dual_level(), _TraversalOps(probe=None), counter:
+    with torch.no_grad(), fwAD.dual_level(), _TraversalOps(probe=no_layers()), counter:
         model(fwAD.make_dual(x, torch.randn_like(x)))
     assert counter.count == 4
+
+
+def test_the_points_first_affine_map_and_its_tangent_come_from_the_segments() -> None:
+    generator = torch.Generator().manual_seed(3)
+    starts, ends = torch.randn(3, 5, generator=generator, dtype=torch.float64), torch.randn(3, 5, generator=generator)
+    ends = ends.double()
+    weight, bias = torch.randn(4, 5, generator=generator).double(), torch.randn(4, generator=generator).double()
+    index = torch.tensor([0, 0, 2, 1])
+    line = Segments(starts, ends, torch.tensor([0.0, 0.5, 1.0, 0.25], dtype=torch.float64), index=index)
+    probe = no_layers()
+    probe.reset(4, line)
+    with torch.no_grad(), fwAD.dual_level():
+        dual = fwAD.make_dual(line.points, (ends - starts)[index])
+        expected = fwAD.unpack_dual(F.linear(dual, weight, bias))  # PyTorch's forward-mode AD on every point
+        with _TraversalOps(probe):
+            value, tangent = fwAD.unpack_dual(F.linear(dual, weight, bias))
+    assert probe.line is None  # taken: from the segments
+    torch.testing.assert_close(value, expected.primal)
+    torch.testing.assert_close(tangent, expected.tangent)

@@ -8,26 +8,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_spacefold import path_folding, path_patterns, soft_folding
-from lightning_spacefold.line import LineShortcut, _Segments, segment_points
+from lightning_spacefold.line import LineShortcut, Segments, segment_points
 
 
 @pytest.fixture
 def taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of rows of every affine call the shortcut took (one entry per forward pass that took it)."""
     rows: list[int] = []
-    affine = _Segments.affine
+    affine = Segments.affine
 
-    def counted(self: _Segments, func, args, kwargs):
+    def counted(self: Segments, func, args, kwargs):
         rows.append(len(self.starts))
         return affine(self, func, args, kwargs)
 
-    monkeypatch.setattr(_Segments, "affine", counted)
+    monkeypatch.setattr(Segments, "affine", counted)
     return rows
 
 
 def without_shortcut(monkeypatch: pytest.MonkeyPatch, measure):
     with monkeypatch.context() as patch:
-        patch.setattr(_Segments, "hold", lambda self, x: False)
+        patch.setattr(Segments, "hold", lambda self, x: False)
         return measure()
 
 
@@ -168,3 +168,14 @@ def test_gradients_of_the_soft_folding_are_those_of_every_point(taken: list[int]
     assert taken == [12]
     torch.testing.assert_close(shortcut, without_shortcut(monkeypatch, gradient), rtol=1e-4, atol=1e-6)
     assert shortcut.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make", [mlp, cnn, InputSkip])
+def test_exact_traversal_takes_the_first_map_from_the_segments(make, taken: list[int], monkeypatch) -> None:
+    model, (starts, ends) = make(), paths(6)
+    result = path_folding(model, starts, ends, exact=True)
+    # Every evaluation pass (the starting grid and each pass of new points) takes the shortcut, on the 6 segments.
+    assert len(taken) >= 2 and set(taken) == {6}
+    expected = without_shortcut(monkeypatch, lambda: path_folding(model, starts, ends, exact=True))
+    assert torch.equal(result.regions, expected.regions) and torch.equal(result.r2, expected.r2)
+    assert torch.equal(result.chi_max, expected.chi_max) and bool((result.r2 > 0).all())
