@@ -51,7 +51,9 @@ class FiniteCheck:
     """Whether the pre-activations of each layer and the model's output stayed finite over many forward passes.
 
     Call :meth:`add` for each layer's pre-activation in forward order and :meth:`end_pass` with the output after
-    each forward pass; :meth:`check` raises at the end. Nothing synchronises the device before :meth:`check`.
+    each forward pass; :meth:`check` raises at the end. Nothing synchronises the device before :meth:`check`. One
+    flag per name is updated in place after each pass: a small tensor kept per pass, allocated among the pass's large
+    temporaries, fragments the CPU allocator's heap (the resident memory grew by gigabytes over many passes).
 
     Args:
         names: The layers' names, in the order :meth:`add` sees them in a forward pass.
@@ -60,7 +62,7 @@ class FiniteCheck:
     def __init__(self, names: Sequence[str]) -> None:
         self.names = [*names, OUTPUT]
         self.current: list[Tensor] = []
-        self.passes: list[Tensor] = []
+        self.finite: Tensor | None = None  # per name, whether every pass so far was finite
         self.dtype: torch.dtype | None = None
 
     def add(self, pre_activation: Tensor) -> None:
@@ -72,8 +74,12 @@ class FiniteCheck:
         """Record the model's output and close the forward pass."""
         last = output_sum(output)
         self.current.append(self.current[-1].new_zeros(()) if last is None else last)
-        self.passes.append(torch.stack(self.current))
+        finite = torch.isfinite(torch.stack(self.current))
         self.current = []
+        if self.finite is None:
+            self.finite = finite
+        else:
+            self.finite &= finite
 
     def check(self) -> None:
         """Raise a :class:`NonFiniteError` naming the first layer (or else the output) that was not finite.
@@ -81,9 +87,9 @@ class FiniteCheck:
         Raises:
             NonFiniteError: If a pre-activation or the output held NaN or infinity.
         """
-        if not self.passes:
+        if self.finite is None:
             return
-        bad = ~torch.isfinite(torch.stack(self.passes)).all(0)
+        bad = ~self.finite
         if not bool(bad.any()):
             return
         name = self.names[int(bad.nonzero()[0])]

@@ -139,12 +139,25 @@ class _Walk:
     the distances of all layers are counted together when the chunk ends. Between chunks only the packed start
     and previous patterns of each path are kept. The sums of each layer's pre-activations and of the output are
     kept for one finiteness check at the end (:mod:`~lightning_spacefold.finite`).
+
+    One walk serves all the groups of a measurement (:meth:`begin_group`): every tensor that outlives a chunk is
+    allocated once, for all paths, and updated in place. Small tensors allocated among a chunk's large temporaries
+    and kept past them fragment the CPU allocator's heap: the resident memory grew by gigabytes over many groups.
     """
 
-    def __init__(self, names: list[str], num_paths: int, device: torch.device, finite: FiniteCheck) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        num_paths: int,
+        group_size: int,
+        num_words: int,
+        device: torch.device,
+        finite: FiniteCheck,
+    ) -> None:
         self.names = names
-        self.num_paths = num_paths
+        self.num_paths = 0  # of the current group
         self.chunk_points = 0
+        self.rows = slice(0, 0)  # the current group's paths
         self.layer_r1 = torch.zeros(num_paths, len(names), dtype=torch.int64, device=device)
         self.layer_r2 = torch.zeros_like(self.layer_r1)
         self.r1 = torch.zeros(num_paths, dtype=torch.int64, device=device)
@@ -152,9 +165,14 @@ class _Walk:
         self.layer_chi_max = folding_from_ranges(self.layer_r1, self.layer_r2)  # zeros in the folding dtype
         self.chi_max = folding_from_ranges(self.r1, self.r2)
         self.words: list[Tensor] = []  # this chunk's packed patterns, one [G * K, words] tensor per layer
-        self.start: Tensor | None = None  # [G, words of all layers]
-        self.previous: Tensor | None = None
+        self.start = torch.zeros(group_size, num_words, dtype=torch.int64, device=device)  # the group's start patterns
+        self.previous = torch.zeros_like(self.start)
+        self.opens = True  # the next chunk opens the group's paths
         self.finite = finite
+
+    def begin_group(self, rows: slice, num_paths: int) -> None:
+        """Walk the paths ``rows`` (``num_paths`` of them) from their start."""
+        self.rows, self.num_paths, self.opens = rows, num_paths, True
 
     def add_layer(self, position: int, pre_activation: Tensor, rule: ActivationRule) -> None:
         check_batch_first(self.names[position], pre_activation, self.num_paths * self.chunk_points)
@@ -167,23 +185,28 @@ class _Walk:
         widths = [layer_words.shape[1] for layer_words in self.words]
         words = torch.cat(self.words, dim=1).view(self.num_paths, self.chunk_points, -1)
         self.words = []
-        if self.start is None:
-            self.start = words[:, 0].clone()  # not a view that keeps the chunk alive
-        previous = self.start if self.previous is None else self.previous  # the first point adds 0 to the length
+        start, previous = self.start[: self.num_paths], self.previous[: self.num_paths]
+        if self.opens:
+            start.copy_(words[:, 0])
+            previous.copy_(words[:, 0])  # the first point adds 0 to the length
+            self.opens = False
         before = torch.cat([previous.unsqueeze(1), words[:, :-1]], dim=1)
-        changes = popcount(torch.stack([words ^ self.start.unsqueeze(1), words ^ before]))  # one call for both
-        self.previous = words[:, -1].clone()
+        changes = popcount(torch.stack([words ^ start.unsqueeze(1), words ^ before]))  # one call for both
+        previous.copy_(words[:, -1])
         # [2, G, layers, K]: the distances of each layer's bits along the chunk, points last for the prefix values.
         layer_from_start, layer_from_previous = segment_sums(changes, widths).transpose(-1, -2).unbind(0)
-        layer_folding = prefix_folding(layer_from_start, layer_from_previous, self.layer_r1, self.layer_r2)
-        self.layer_chi_max = torch.maximum(self.layer_chi_max, layer_folding.amax(-1))
-        self.layer_r1 = torch.maximum(self.layer_r1, layer_from_start.amax(-1))
-        self.layer_r2 += layer_from_previous.sum(-1)
+        rows = self.rows
+        layer_r1, layer_r2, r1, r2 = self.layer_r1[rows], self.layer_r2[rows], self.r1[rows], self.r2[rows]
+        layer_chi_max, chi_max = self.layer_chi_max[rows], self.chi_max[rows]
+        layer_folding = prefix_folding(layer_from_start, layer_from_previous, layer_r1, layer_r2)
+        torch.maximum(layer_chi_max, layer_folding.amax(-1), out=layer_chi_max)
+        torch.maximum(layer_r1, layer_from_start.amax(-1), out=layer_r1)
+        layer_r2 += layer_from_previous.sum(-1)
         from_start, from_previous = layer_from_start.sum(1), layer_from_previous.sum(1)  # [G, K]
-        self.chi_max = torch.maximum(self.chi_max, prefix_folding(from_start, from_previous, self.r1, self.r2).amax(-1))
-        walked = from_previous.cumsum(-1) + self.r2.unsqueeze(-1)
-        self.r1 = torch.maximum(self.r1, from_start.amax(-1))
-        self.r2 = walked[:, -1].clone()
+        torch.maximum(chi_max, prefix_folding(from_start, from_previous, r1, r2).amax(-1), out=chi_max)
+        walked = from_previous.cumsum(-1) + r2.unsqueeze(-1)
+        torch.maximum(r1, from_start.amax(-1), out=r1)
+        r2.copy_(walked[:, -1])
         return from_start, walked
 
 
@@ -332,33 +355,38 @@ def _sampled_folding(
     chunk_size = _balanced(num_points, max(1, batch_size // group_size))
     t = torch.arange(num_points, dtype=torch.float64, device=starts.device) / steps
     run = model if forward is None else forward
-    walks, distances, walked = [], [], []
     finite = FiniteCheck(names)
-    with evaluation_mode(model), LineShortcut() as line:
+    num_words = sum(math.ceil(found[index].num_units / 64) for index in selected)
+    walk = _Walk(names, num_paths, group_size, num_words, starts.device, finite)
+    # Written in place, chunk by chunk: [P, steps + 1] each.
+    distances = (
+        torch.zeros(num_paths, num_points, dtype=torch.int64, device=starts.device) if return_distances else None
+    )
+    walked = torch.zeros_like(distances) if distances is not None else None
+    with (
+        evaluation_mode(model),
+        LineShortcut() as line,
+        capture_activations(
+            model, walk.add_layer, frozenset(selected), has_functional_layers(found), expected=found
+        ) as capture,
+    ):
         for first in range(0, num_paths, group_size):
             group = slice(first, first + group_size)
-            walk = _Walk(names, len(starts[group]), starts.device, finite)
-            with capture_activations(
-                model, walk.add_layer, frozenset(selected), has_functional_layers(found), expected=found
-            ) as capture:
-                for begin in range(0, num_points, chunk_size):
-                    chunk_t = t[begin : begin + chunk_size]
-                    walk.chunk_points = len(chunk_t)
-                    capture.reset()
-                    output = run(line.points(starts[group], ends[group], chunk_t))
-                    line.end_pass()
-                    capture.check_pass()
-                    chunk_distances, chunk_walked = walk.end_chunk(output)
-                    if return_distances:
-                        distances.append(chunk_distances)
-                        walked.append(chunk_walked)
-            walks.append(walk)
+            walk.begin_group(group, len(starts[group]))
+            for begin in range(0, num_points, chunk_size):
+                chunk_t = t[begin : begin + chunk_size]
+                walk.chunk_points = len(chunk_t)
+                capture.reset()
+                output = run(line.points(starts[group], ends[group], chunk_t))
+                line.end_pass()
+                capture.check_pass()
+                chunk_distances, chunk_walked = walk.end_chunk(output)
+                if distances is not None and walked is not None:
+                    distances[group, begin : begin + len(chunk_t)] = chunk_distances
+                    walked[group, begin : begin + len(chunk_t)] = chunk_walked
     finite.check()
 
-    layer_r1 = torch.cat([walk.layer_r1 for walk in walks])
-    layer_r2 = torch.cat([walk.layer_r2 for walk in walks])
-    r1 = torch.cat([walk.r1 for walk in walks])
-    r2 = torch.cat([walk.r2 for walk in walks])
+    layer_r1, layer_r2, r1, r2 = walk.layer_r1, walk.layer_r2, walk.r1, walk.r2
     return FoldingResult(
         chi=folding_from_ranges(r1, r2),
         r1=r1,
@@ -368,10 +396,10 @@ def _sampled_folding(
         layer_r2=layer_r2,
         layer_names=names,
         steps=steps,
-        chi_max=torch.cat([walk.chi_max for walk in walks]),
-        layer_chi_max=torch.cat([walk.layer_chi_max for walk in walks]),
-        distances=_stitch(distances, num_paths, group_size) if return_distances else None,
-        walked=_stitch(walked, num_paths, group_size) if return_distances else None,
+        chi_max=walk.chi_max,
+        layer_chi_max=walk.layer_chi_max,
+        distances=distances,
+        walked=walked,
     )
 
 
@@ -449,20 +477,8 @@ def _balanced(total: int, most: int) -> int:
     return math.ceil(total / math.ceil(total / most))
 
 
-def _stitch(chunks: list[Tensor], num_paths: int, group_size: int) -> Tensor:
-    """Join ``[G, K]`` chunk distances, stored group after group, into ``[P, steps + 1]``."""
-    num_groups = math.ceil(num_paths / group_size)
-    per_group = len(chunks) // num_groups
-    return torch.cat([torch.cat(chunks[g * per_group : (g + 1) * per_group], dim=1) for g in range(num_groups)]).long()
-
-
 def check_path_arguments(
-    model: nn.Module,
-    starts: Tensor,
-    ends: Tensor,
-    steps: int,
-    batch_size: int | None,
-    forward: Forward | None = None,
+    model: nn.Module, starts: Tensor, ends: Tensor, steps: int, batch_size: int | None, forward: Forward | None = None
 ) -> None:
     """Raise a clear TypeError/ValueError for a bad model, ``forward``, segment ends, ``steps`` or ``batch_size``."""
     if not isinstance(model, nn.Module):
