@@ -1,0 +1,126 @@
+"""Peak resident memory of `path_folding` against a plain forward loop over the same points in the same chunks.
+
+Run: python benchmarks/bench_memory.py [--quick] [--repeats N] [--threads N]
+
+Every measurement runs in a fresh process (a Python process's heap remembers earlier calls): it builds an MLP
+784-256-256-10 and the paths' ends, runs both functions once on two paths (loading their code), resets the
+high-water mark of its resident set (``/proc/self/clear_refs``) and reports the peak rise during one call
+(``VmHWM`` after the call minus ``VmRSS`` before it) and the rise kept after it (``VmRSS``). The plain loop runs
+``model(points)`` without gradients over the chunks ``path_folding`` uses (``G`` paths x ``K`` points, the same
+formula), building each chunk's points as it does. Configurations run in turns, plain then path_folding, for
+``--repeats`` rounds; the ratio of each round is path_folding's peak rise over the plain loop's.
+
+Target (issue 22): path_folding's peak rise within 1.25x of the plain loop's plus a few MiB (8 MiB here), on every
+configuration. Linux only (``/proc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+from lightning_spacefold import path_folding
+from lightning_spacefold.folding import _balanced, default_batch_size, discover_layers, segment_points
+
+GRID = ((1_000, 16), (1_000, 1_024), (2_000, 1_024), (10_000, 64), (100_000, 16), (100_000, 32))
+QUICK_GRID = ((1_000, 16), (1_000, 256), (10_000, 32))
+SLACK_MIB = 8.0
+TARGET_RATIO = 1.25
+
+
+def small_mlp() -> nn.Module:
+    """MLP 784-256-256-10 on 1x28x28 inputs (issue 22's memory measurement)."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def plain_loop(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, steps: int) -> None:
+    """``model(points)`` over the chunks of ``path_folding`` (its default batch size), without gradients."""
+    batch_size = default_batch_size(discover_layers(model, starts, ends), starts)
+    num_paths, num_points = len(starts), steps + 1
+    group_size = _balanced(num_paths, max(1, batch_size // min(num_points, batch_size)))
+    chunk_size = _balanced(num_points, max(1, batch_size // group_size))
+    t = torch.arange(num_points, dtype=torch.float64) / steps
+    with torch.no_grad():
+        for first in range(0, num_paths, group_size):
+            group = slice(first, first + group_size)
+            for begin in range(0, num_points, chunk_size):
+                model(segment_points(starts[group], ends[group], t[begin : begin + chunk_size]))
+
+
+def child(mode: str, num_paths: int, steps: int, threads: int | None) -> None:
+    """In a fresh process: print the peak and kept rise of the resident set during one call, in KiB."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = small_mlp().eval()
+    starts, ends = torch.rand(num_paths, 1, 28, 28), torch.rand(num_paths, 1, 28, 28)
+    path_folding(model, starts[:2], ends[:2], steps=2)  # the same warm-up for both modes
+    plain_loop(model, starts[:2], ends[:2], 2)
+    run = (
+        (lambda: path_folding(model, starts, ends, steps=steps))
+        if mode == "fold"
+        else (lambda: plain_loop(model, starts, ends, steps))
+    )
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the high-water mark VmHWM to the current resident set
+    run()
+    print(json.dumps({"peak_kib": _status_kib("VmHWM") - before, "kept_kib": _status_kib("VmRSS") - before}))
+
+
+def measure(mode: str, num_paths: int, steps: int, threads: int | None) -> dict[str, int]:
+    command = [sys.executable, __file__, "--child", mode, str(num_paths), str(steps)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller grid, one round (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds per configuration (default 2)")
+    parser.add_argument("--threads", type=int, help="torch threads in the measured processes (default: torch's)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        child(args.child[0], int(args.child[1]), int(args.child[2]), args.threads)
+        return
+    grid, repeats = (QUICK_GRID, 1) if args.quick else (GRID, args.repeats)
+    print(f"torch {torch.__version__}, threads {args.threads or 'default'}, {repeats} round(s) per configuration")
+    print("paths x steps | plain peak MiB | path_folding peak MiB | ratio min/median/max | kept MiB (fold) | target")
+    failures = 0
+    for num_paths, steps in grid:
+        plain, fold = [], []
+        for _ in range(repeats):
+            plain.append(measure("plain", num_paths, steps, args.threads))
+            fold.append(measure("fold", num_paths, steps, args.threads))
+        plain_peak = [run["peak_kib"] / 1024 for run in plain]
+        fold_peak = [run["peak_kib"] / 1024 for run in fold]
+        ratios = [max(f, 1e-3) / max(p, 1e-3) for f, p in zip(fold_peak, plain_peak, strict=True)]
+        met = all(f <= TARGET_RATIO * p + SLACK_MIB for f, p in zip(fold_peak, plain_peak, strict=True))
+        failures += not met
+        print(
+            f"{num_paths} x {steps} | median {statistics.median(plain_peak):.1f} | "
+            f"median {statistics.median(fold_peak):.1f} (max {max(fold_peak):.1f}) | "
+            f"{min(ratios):.2f}/{statistics.median(ratios):.2f}/{max(ratios):.2f}x | "
+            f"median {statistics.median(run['kept_kib'] / 1024 for run in fold):.1f} | "
+            f"{'met' if met else 'MISSED'} (<= {TARGET_RATIO}x plain + {SLACK_MIB:.0f} MiB)"
+        )
+    print(f"{len(grid) - failures} of {len(grid)} configurations meet the target.")
+
+
+if __name__ == "__main__":
+    main()
