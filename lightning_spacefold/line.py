@@ -12,15 +12,23 @@ concatenation) sees the real values, and a call is only taken over when its inpu
 same memory, row for row, unmodified since they were made. Everything else runs as it is. The results equal those
 of running the map on every point up to float rounding (the two sides of the identity round differently), which
 can only change a bit whose pre-activation lies within a few units in the last place of zero.
+
+When an earlier pass on the same model and inputs showed that the points reach nothing but that map (through views
+and shape queries), the points are not even computed: :class:`LineShortcut` hands the network an unset tensor and
+watches every operation of the pass; one that would read the points (anything but a view, a shape query or the
+map) finds them computed first. Code that bypasses PyTorch's function overrides (TorchScript) is never trusted:
+its passes cannot show that the points are unused.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["AFFINE_MAPS", "LineShortcut", "Segments", "linear_part", "segment_points"]
@@ -29,6 +37,61 @@ AFFINE_MAPS = frozenset(
     {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 )
 """Functions affine in their first argument, with an optional ``bias`` as their third."""
+
+
+def _getter(name: str) -> Any:
+    """The function a tensor property's access passes to a TorchFunctionMode."""
+    return torch._C.TensorBase.__dict__[name].__get__
+
+
+# Operations that neither read nor copy a contiguous tensor: views of it, and questions about (or new tensors of) its
+# shape.
+_VIEWS = frozenset(
+    {
+        Tensor.view,
+        Tensor.view_as,
+        Tensor.reshape,
+        Tensor.reshape_as,
+        torch.reshape,
+        Tensor.flatten,
+        torch.flatten,
+        Tensor.unflatten,
+        torch.unflatten,
+        Tensor.squeeze,
+        torch.squeeze,
+        Tensor.unsqueeze,
+        torch.unsqueeze,
+        Tensor.contiguous,
+        Tensor.detach,
+        torch.detach,
+    }
+)
+_SHAPE_QUERIES = frozenset(
+    {
+        Tensor.size,
+        Tensor.dim,
+        Tensor.__len__,
+        Tensor.numel,
+        Tensor.stride,
+        Tensor.is_contiguous,
+        Tensor.is_floating_point,
+        Tensor.element_size,
+        Tensor.data_ptr,
+        torch.empty_like,
+        torch.zeros_like,
+        torch.ones_like,
+        torch.full_like,
+        _getter("shape"),
+        _getter("ndim"),
+        _getter("dtype"),
+        _getter("device"),
+        _getter("requires_grad"),
+        _getter("is_cuda"),
+    }
+)
+
+_UNUSED_POINTS: weakref.WeakKeyDictionary[nn.Module, set[Hashable]] = weakref.WeakKeyDictionary()
+"""Per model, the inputs (by the caller's key) whose points reached nothing but the first affine map in a pass."""
 
 
 def linear_part(func: Any, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
@@ -67,19 +130,53 @@ class Segments:
     """
 
     def __init__(
-        self, starts: Tensor, ends: Tensor, t: Tensor, index: Tensor | None = None, dtype: torch.dtype | None = None
+        self,
+        starts: Tensor,
+        ends: Tensor,
+        t: Tensor,
+        index: Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        unset: bool = False,
     ) -> None:
         self.dtype = starts.dtype if dtype is None else dtype
         compute_dtype = torch.promote_types(starts.dtype, torch.float32)
         self.starts, self.ends, self.t, self.index = starts.to(compute_dtype), ends.to(compute_dtype), t, index
-        if index is None:
-            self.points = segment_points(self.starts, self.ends, t).to(self.dtype)
+        self.unset = unset and index is None  # the points' values are not computed until something reads them
+        self.points: Tensor
+        if self.unset:
+            count = len(starts) * len(t)
+            self.points = torch.empty((count, *starts.shape[1:]), dtype=self.dtype, device=starts.device)
         else:
-            shape = (-1, *([1] * (starts.ndim - 1)))
-            self.points = torch.lerp(self.starts[index], self.ends[index], t.to(compute_dtype).view(shape)).to(
-                self.dtype
-            )
+            self.set_points()
+        self.storage = self.points.untyped_storage().data_ptr()
         self.version = self.points._version
+        self.taken = False  # the shortcut was taken
+        self.read = False  # some other operation used the points
+
+    def set_points(self) -> None:
+        """Compute the points' values (interpolated in at least float32, exact at both ends)."""
+        if self.index is None:
+            points = segment_points(self.starts, self.ends, self.t).to(self.dtype)
+        else:
+            shape = (-1, *([1] * (self.starts.ndim - 1)))
+            weights = self.t.to(self.starts.dtype).view(shape)
+            points = torch.lerp(self.starts[self.index], self.ends[self.index], weights).to(self.dtype)
+        if self.unset:
+            with torch.no_grad():
+                self.points.copy_(points)
+            self.unset = False
+            self.version = self.points._version
+        else:
+            self.points = points
+
+    def uses(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether an operation's arguments include the points or a view of them."""
+        for value in (*args, *kwargs.values()):
+            for tensor in value if isinstance(value, list | tuple) else (value,):
+                if isinstance(tensor, Tensor) and tensor.untyped_storage().data_ptr() == self.storage:
+                    return True
+        return False
 
     def hold(self, x: Any) -> bool:
         """Whether ``x`` is the points, unmodified, row for row (itself or a reshaped view of it)."""
@@ -122,31 +219,56 @@ class LineShortcut(TorchFunctionMode):
 
     One shortcut per forward pass: the map that the points enter. Use as a context manager around the passes::
 
-        with LineShortcut() as line:
+        with LineShortcut(model, key) as line:
             for chunk_t in chunks:
                 output = model(line.points(starts, ends, chunk_t))
                 line.end_pass()
+
+    Args:
+        model: The model the passes run, to remember across calls whether its points are used by anything but the
+            shortcut; ``None`` to compute the points always.
+        key: What decides how the model uses its input, besides the model (e.g. the input's shape and the forward
+            function).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module | None = None, key: Hashable = None) -> None:
         super().__init__()
+        self._model, self._key = model, key
         self._segments: Segments | None = None
         self.shortcuts = 0  # forward passes that took the shortcut
 
     def points(self, starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
         """The points ``[G * K, *shape]`` of the segments ``starts[G] -> ends[G]`` at ``t[K]``, for the next pass."""
-        self._segments = Segments(starts, ends, t)
+        model = self._model
+        unset = model is not None and self._key in _UNUSED_POINTS.get(model, ())
+        self._segments = Segments(starts, ends, t, unset=unset)
         return self._segments.points
 
     def end_pass(self) -> None:
-        """Forget the pass's points (a pass whose points entered no affine map ran as it is)."""
+        """Close the pass: remember whether its points were used by anything but the shortcut."""
+        segments, model = self._segments, self._model
         self._segments = None
+        if segments is None or model is None:
+            return
+        unused = _UNUSED_POINTS.setdefault(model, set())
+        if segments.taken and not segments.read:
+            unused.add(self._key)
+        else:
+            unused.discard(self._key)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         segments = self._segments
-        if segments is not None and func in AFFINE_MAPS and args and segments.hold(args[0]):
-            self._segments = None
+        if segments is None:
+            return func(*args, **kwargs)
+        if not segments.taken and func in AFFINE_MAPS and args and segments.hold(args[0]):
+            segments.taken = True
             self.shortcuts += 1
             return segments.affine(func, args, kwargs)[0]
+        if (self._model is not None or segments.unset) and segments.uses(args, kwargs):
+            harmless = func in _SHAPE_QUERIES or (func in _VIEWS and args[0].is_contiguous())
+            if not harmless:
+                segments.read = True
+                if segments.unset:
+                    segments.set_points()
         return func(*args, **kwargs)

@@ -179,3 +179,90 @@ def test_exact_traversal_takes_the_first_map_from_the_segments(make, taken: list
     expected = without_shortcut(monkeypatch, lambda: path_folding(model, starts, ends, exact=True))
     assert torch.equal(result.regions, expected.regions) and torch.equal(result.r2, expected.r2)
     assert torch.equal(result.chi_max, expected.chi_max) and bool((result.r2 > 0).all())
+
+
+class Switchable(nn.Module):
+    """Flatten and a first layer; with ``skip`` the input also reaches the output (read after the first layer),
+    with ``scale`` it is doubled in place first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.Linear(49, 8), nn.Linear(8 + 49, 4)
+        self.skip = self.scale = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.scale:
+            images.mul_(2)
+        x = images.flatten(1)
+        hidden = torch.relu(self.first(x))
+        return self.second(torch.cat([hidden, x if self.skip else torch.zeros_like(x)], dim=1))
+
+
+def run_passes(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor) -> list[torch.Tensor]:
+    """Two passes through one LineShortcut keyed on the model, as path_folding's chunks run."""
+    outputs = []
+    with torch.no_grad(), LineShortcut(model, "key") as line:
+        for t in (torch.linspace(0, 0.5, 5, dtype=torch.float64), torch.linspace(0.5, 1, 5, dtype=torch.float64)):
+            outputs.append(model(line.points(starts, ends, t)))
+            line.end_pass()
+    return outputs
+
+
+def reference(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [
+            model(segment_points(starts, ends, torch.linspace(a, b, 5, dtype=torch.float64)))
+            for a, b in ((0, 0.5), (0.5, 1))
+        ]
+
+
+@pytest.fixture
+def computed(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """For every pass, whether its points' values were computed (at once, or when something read them)."""
+    passes: list[bool] = []
+    init, set_points = Segments.__init__, Segments.set_points
+
+    def counted_init(self: Segments, *args, **kwargs) -> None:
+        passes.append(False)
+        init(self, *args, **kwargs)
+
+    def counted_set(self: Segments) -> None:
+        passes[-1] = True
+        set_points(self)
+
+    monkeypatch.setattr(Segments, "__init__", counted_init)
+    monkeypatch.setattr(Segments, "set_points", counted_set)
+    return passes
+
+
+def test_points_used_by_nothing_but_the_first_map_are_not_computed(computed: list[bool]) -> None:
+    model, (starts, ends) = Switchable(), paths(3)
+    outputs = run_passes(model, starts, ends)
+    assert computed == [True, False]  # the first pass shows that the points reach only the first layer
+    for output, expected in zip(outputs, reference(model, starts, ends), strict=True):
+        torch.testing.assert_close(output, expected)
+    run_passes(model, starts, ends)  # remembered across calls for the model and key
+    assert computed == [True, False, False, False]
+
+
+@pytest.mark.parametrize("change", ["skip", "scale"])
+def test_points_that_something_else_reads_are_computed_first(change: str, computed: list[bool]) -> None:
+    model, (starts, ends) = Switchable(), paths(3)
+    run_passes(model, starts, ends)
+    setattr(model, change, True)  # now the input is read after the first layer, or changed in place before it
+    expected = reference(model, starts.clone(), ends.clone())
+    outputs = run_passes(model, starts, ends)
+    assert computed == [True, False, True, True]  # the unset points were computed before they were read
+    for output, value in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(output, value)
+
+
+def test_code_that_bypasses_the_overrides_always_gets_computed_points(computed: list[bool]) -> None:
+    # TorchScript runs its operations without PyTorch's function overrides: its passes never show unused points.
+    model = torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(49, 8), nn.ReLU()))
+    starts, ends = paths(3)
+    outputs = run_passes(model, starts, ends)
+    assert computed == [True, True]
+    for output, expected in zip(outputs, reference(model, starts, ends), strict=True):
+        torch.testing.assert_close(output, expected)
