@@ -15,7 +15,7 @@ coloured by activation pattern (all layers, then the last hidden layer alone, wh
 pattern share a colour, drawn by ``lightning_spacefold.plots.regions``), the class boundaries, and a few mirror paths
 with their exact chi on the layers of the panel.
 
-With ``--dataset digits|mnist1d``: the examples' MLP (three hidden layers of 32 units) trained on the dataset with
+With ``--dataset digits|mnist1d|mnist``: the examples' MLP (three hidden layers of 32 units) trained on the dataset with
 the mirror image of every training input added under the same label (digits: flipped left to right; MNIST-1D: the
 sequence reversed), against the same MLP trained on the plain data for twice the epochs (the same number of steps).
 Paths from each validation input to its mirror image, and random validation pairs, measured exactly per layer.
@@ -23,7 +23,7 @@ Paths from each validation input to its mirror image, and random validation pair
 Writes ``plane.md``, ``plane.csv`` and ``plane.png``, and ``<dataset>.md`` and ``<dataset>.csv``, into ``--out``
 (default ``docs/symmetry``); ± is the std over seeds.
 
-Run: python examples/symmetry.py [--dataset digits|mnist1d] [--seeds 5] [--quick]
+Run: python examples/symmetry.py [--dataset digits|mnist1d|mnist] [--seeds 5] [--quick]
 """
 
 from __future__ import annotations
@@ -123,9 +123,11 @@ def plane(seeds: int, epochs: int, count: int) -> tuple[list[Row], dict[str, nn.
 
 
 def mirror_of(dataset: str) -> Callable[[Tensor], Tensor]:
-    """The dataset's reflection: digits flipped left to right, MNIST-1D sequences reversed."""
-    if dataset == "digits":
-        return lambda inputs: inputs.unflatten(1, (8, 8)).flip(-1).flatten(1)
+    """The dataset's reflection: images flipped left to right (digits 8x8, MNIST 28x28), MNIST-1D sequences reversed."""
+    sides = {"digits": 8, "mnist": 28}
+    if dataset in sides:
+        side = sides[dataset]
+        return lambda inputs: inputs.unflatten(1, (side, side)).flip(-1).flatten(1)
     return lambda inputs: inputs.flip(-1)
 
 

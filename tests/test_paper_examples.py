@@ -222,3 +222,13 @@ def test_symmetry_quick(tmp_path: Path) -> None:
     assert (tmp_path / "plane.png").stat().st_size > 10_000
     assert "| rings |" in (tmp_path / "plane.md").read_text()
     assert "| plain data (control) |" in (tmp_path / "mnist1d.md").read_text()
+
+
+def test_mirror_images_flip_each_image_left_to_right() -> None:
+    symmetry = load("symmetry")
+    for dataset, side in (("digits", 8), ("mnist", 28)):
+        image = torch.zeros(1, side * side)
+        image[0, 2 * side + 1] = 1.0  # row 2, column 1
+        mirrored = symmetry.mirror_of(dataset)(image)
+        assert mirrored[0].nonzero().flatten().tolist() == [2 * side + side - 2], dataset  # row 2, column side - 2
+    assert symmetry.mirror_of("mnist1d")(torch.arange(4.0)[None]).tolist() == [[3.0, 2.0, 1.0, 0.0]]
