@@ -11,6 +11,7 @@ import functools
 import math
 import weakref
 from collections.abc import Callable, Hashable, Sequence
+from contextlib import ExitStack
 from typing import Any, TypeVar
 
 import torch
@@ -29,6 +30,7 @@ from lightning_spacefold.capture import (
     has_functional_layers,
 )
 from lightning_spacefold.checks import is_int
+from lightning_spacefold.compiled import compiled_step
 from lightning_spacefold.exact import exact_folding
 from lightning_spacefold.finite import FiniteCheck, finite_sum
 from lightning_spacefold.line import LineShortcut, segment_points
@@ -77,7 +79,7 @@ def discover_layers(
         ValueError: If the forward pass runs no supported activation (naming the model's activation modules when
             ``forward`` ran none of them).
     """
-    key = (starts.shape[1:], starts.dtype, starts.device, _identity(forward))
+    key = inputs_key(starts, forward)
     if reuse:
         known = _KNOWN_LAYERS.get(model)
         if known is not None and known[0] == key:
@@ -88,6 +90,15 @@ def discover_layers(
         raise _no_layers_error(model, forward)
     _KNOWN_LAYERS[model] = (key, found)
     return found
+
+
+def inputs_key(starts: Tensor, forward: Forward | None) -> Hashable:
+    """What decides, besides the model, which layers a forward pass runs and how it uses its points.
+
+    The inputs' shape, dtype and device and the ``forward`` function: the key of the layers found
+    (:func:`discover_layers`) and of what :class:`~lightning_spacefold.line.LineShortcut` learnt of the points.
+    """
+    return starts.shape[1:], starts.dtype, starts.device, _identity(forward)
 
 
 def _identity(forward: Forward | None) -> Hashable:
@@ -239,6 +250,7 @@ def path_folding(
     return_distances: bool = False,
     exact: bool = False,
     forward: Forward | None = None,
+    compile: bool = False,
 ) -> FoldingResult:
     """Measure how the network folds each segment from ``starts[p]`` to ``ends[p]``.
 
@@ -264,6 +276,11 @@ def path_folding(
         forward: The function that maps a batch of points to outputs, for paths in a space that the model does not
             take directly: e.g. ``lambda points: model(inputs_embeds=points).logits`` for paths between the
             embeddings of two token sequences. The layers are still found in ``model``. ``model`` itself by default.
+        compile: Fuse each forward pass with the bits, their packing and the finiteness sums by ``torch.compile``
+            (see :mod:`lightning_spacefold.compiled`): compiled once per model, forward, layers, input shape, batch
+            size, dtype, device and autocast state, and reused by later calls. The same results; the first call
+            pays for the compilation (seconds to a minute). Models with functional activations, or whose
+            compilation fails, are measured eagerly with one warning. Not with ``exact``.
 
     Returns:
         A :class:`FoldingResult` on the inputs' device.
@@ -272,7 +289,7 @@ def path_folding(
         TypeError: If the model or the inputs have the wrong type, or ``forward`` is not callable.
         ValueError: For inputs of different shapes, empty, non-finite, ``steps < 1``, ``batch_size < 1``, a model
             with no supported activation, an unknown layer name, ``return_distances`` with ``exact``, or with
-            ``exact`` a model that is not piecewise linear (naming the layer).
+            ``exact`` a model that is not piecewise linear (naming the layer), ``compile`` with ``exact``.
         NonFiniteError: A ``ValueError`` raised when a pre-activation of a measured layer, or the model's output, is
             NaN or infinite (a diverged or overflowed network), naming the first such layer.
 
@@ -308,13 +325,17 @@ def path_folding(
         (tensor([0.3333]), tensor([4]))
     """
     check_path_arguments(model, starts, ends, steps, batch_size, forward)
+    if not isinstance(compile, bool):
+        raise TypeError(f"`compile` must be a bool, got {compile!r}.")
     if exact:
+        if compile:
+            raise ValueError("`compile=True` fuses sampled forward passes; it cannot be combined with `exact=True`.")
         if return_distances:
             raise ValueError("`return_distances` needs sampled points; it cannot be combined with `exact=True`.")
         measure = functools.partial(_exact_folding, model, starts, ends, layers, batch_size, forward)
     else:
         measure = functools.partial(
-            _sampled_folding, model, starts, ends, steps, layers, batch_size, return_distances, forward
+            _sampled_folding, model, starts, ends, steps, layers, batch_size, return_distances, forward, compile
         )
     return with_known_layers(measure, model, starts, ends, forward)
 
@@ -345,6 +366,7 @@ def _sampled_folding(
     batch_size: int | None,
     return_distances: bool,
     forward: Forward | None,
+    compile: bool,
     found: list[LayerInfo],
 ) -> FoldingResult:
     selected = select_layers([layer.name for layer in found], layers)
@@ -363,23 +385,31 @@ def _sampled_folding(
         torch.zeros(num_paths, num_points, dtype=torch.int64, device=starts.device) if return_distances else None
     )
     walked = torch.zeros_like(distances) if distances is not None else None
-    with (
-        evaluation_mode(model),
-        LineShortcut() as line,
-        capture_activations(
-            model, walk.add_layer, frozenset(selected), has_functional_layers(found), expected=found
-        ) as capture,
-    ):
+    with evaluation_mode(model), ExitStack() as eager:
+        shape = (group_size, chunk_size)
+        step = (
+            compiled_step(model, run, _identity(forward), found, selected, starts, ends, t, shape) if compile else None
+        )
+        if step is None:
+            line = eager.enter_context(LineShortcut(model, inputs_key(starts, forward)))
+            capture = eager.enter_context(
+                capture_activations(
+                    model, walk.add_layer, frozenset(selected), has_functional_layers(found), expected=found
+                )
+            )
         for first in range(0, num_paths, group_size):
             group = slice(first, first + group_size)
             walk.begin_group(group, len(starts[group]))
             for begin in range(0, num_points, chunk_size):
                 chunk_t = t[begin : begin + chunk_size]
                 walk.chunk_points = len(chunk_t)
-                capture.reset()
-                output = run(line.points(starts[group], ends[group], chunk_t))
-                line.end_pass()
-                capture.check_pass()
+                if step is None:
+                    capture.reset()
+                    output = run(line.points(starts[group], ends[group], chunk_t))
+                    line.end_pass()
+                    capture.check_pass()
+                else:
+                    output, walk.words = step(model, run, starts[group], ends[group], chunk_t, finite)
                 chunk_distances, chunk_walked = walk.end_chunk(output)
                 if distances is not None and walked is not None:
                     distances[group, begin : begin + len(chunk_t)] = chunk_distances
@@ -411,6 +441,7 @@ def path_patterns(
     steps: int = 64,
     layers: Sequence[str] | None = None,
     forward: Forward | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """The activation patterns themselves at the ``steps + 1`` points of each segment, in one forward pass.
 
@@ -425,6 +456,8 @@ def path_patterns(
         layers: Names of the layers whose bits to concatenate (forward order); ``None`` for all.
         forward: The function that maps a batch of points to outputs (see :func:`path_folding`); ``model`` by
             default.
+        compile: Fuse the forward pass with the bits by ``torch.compile``, as in :func:`path_folding`: compiled once
+            per model and shape, reused by later calls of the same shape.
 
     Returns:
         Boolean patterns ``[P, steps + 1, M]`` (M: units of the selected layers).
@@ -453,6 +486,8 @@ def path_patterns(
         tensor([0.3333])
     """
     check_path_arguments(model, starts, ends, steps, None, forward)
+    if not isinstance(compile, bool):
+        raise TypeError(f"`compile` must be a bool, got {compile!r}.")
     found = discover_layers(model, starts, ends, forward)
     selected = select_layers([layer.name for layer in found], layers)
     t = torch.arange(steps + 1, dtype=torch.float64, device=starts.device) / steps
@@ -462,14 +497,26 @@ def path_patterns(
         finite.add(pre_activation)
         return rule.bits(pre_activation).flatten(1)
 
-    with (
-        evaluation_mode(model),
-        capture_activations(model, bits, frozenset(selected), has_functional_layers(found)) as capture,
-        LineShortcut() as line,
-    ):
-        finite.end_pass((model if forward is None else forward)(line.points(starts, ends, t)))
+    run = model if forward is None else forward
+    with evaluation_mode(model):
+        shape = (len(starts), steps + 1)
+        step = (
+            compiled_step(model, run, _identity(forward), found, selected, starts, ends, t, shape, True)
+            if compile
+            else None
+        )
+        if step is not None:
+            output, patterns = step(model, run, starts, ends, t, finite)
+        else:
+            with (
+                capture_activations(model, bits, frozenset(selected), has_functional_layers(found)) as capture,
+                LineShortcut(model, inputs_key(starts, forward)) as line,
+            ):
+                output = run(line.points(starts, ends, t))
+            patterns = torch.cat(capture.values, dim=1)
+    finite.end_pass(output)
     finite.check()
-    return torch.cat(capture.values, dim=1).unflatten(0, (len(starts), steps + 1))
+    return patterns.unflatten(0, shape)
 
 
 def _balanced(total: int, most: int) -> int:

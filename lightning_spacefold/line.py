@@ -142,7 +142,9 @@ class Segments:
         self.dtype = starts.dtype if dtype is None else dtype
         compute_dtype = torch.promote_types(starts.dtype, torch.float32)
         self.starts, self.ends, self.t, self.index = starts.to(compute_dtype), ends.to(compute_dtype), t, index
-        self.unset = unset and index is None  # the points' values are not computed until something reads them
+        # The points' values are not computed until something reads them; never points that gradients flow through.
+        differentiable = torch.is_grad_enabled() and (starts.requires_grad or ends.requires_grad)
+        self.unset = unset and index is None and not differentiable
         self.points: Tensor
         if self.unset:
             count = len(starts) * len(t)

@@ -75,6 +75,7 @@ from lightning_spacefold.capture import (
 from lightning_spacefold.folding import (
     Forward,
     check_path_arguments,
+    inputs_key,
     select_layers,
     with_known_layers,
 )
@@ -197,7 +198,7 @@ def _soft_folding(
         capture_activations(
             model, soft_bits, frozenset(selected), has_functional_layers(found), expected=found
         ) as capture,
-        LineShortcut() as line,
+        LineShortcut(model, inputs_key(starts, forward)) as line,
     ):
         output = (model if forward is None else forward)(line.points(starts, ends, t))
         capture.check_pass()

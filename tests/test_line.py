@@ -266,3 +266,18 @@ def test_code_that_bypasses_the_overrides_always_gets_computed_points(computed: 
     assert computed == [True, True]
     for output, expected in zip(outputs, reference(model, starts, ends), strict=True):
         torch.testing.assert_close(output, expected)
+
+
+def test_path_folding_skips_the_points_once_it_knows_they_are_unused(computed: list[bool], monkeypatch) -> None:
+    model, (starts, ends) = mlp(), paths()
+    first = path_folding(model, starts, ends, steps=40, batch_size=100, return_distances=True)
+    assert computed == [True] + [False] * 5  # the first pass shows that only the first layer takes the points
+    second = path_folding(model, starts, ends, steps=40, batch_size=100, return_distances=True)
+    assert computed[6:] == [False] * 6
+    expected = without_shortcut(monkeypatch, lambda: path_folding(model, starts, ends, steps=40, batch_size=100))
+    for result in (first, second):
+        assert torch.equal(result.r2, expected.r2) and torch.equal(result.chi_max, expected.chi_max)
+    skip, (starts, ends) = InputSkip(), paths()
+    path_folding(skip, starts, ends, steps=40, batch_size=100)
+    path_folding(skip, starts, ends, steps=40, batch_size=100)
+    assert computed[-12:] == [True] * 12  # the input also reaches the second layer: always computed
