@@ -1,28 +1,29 @@
 """Speed and memory of `path_folding`, as ratios against baselines run in the same process.
 
-Run: python benchmarks/bench_path_folding.py [--quick]
+Run: python benchmarks/bench_path_folding.py [--quick] [--compile] [--threads N]
 
 - overhead: path_folding time / the fastest plain forward of the same points (all in one batch, or batches of 64 or
   256), min/median/max over interleaved repeats;
 - speed-up over the published approach (one batched forward per path) and over one forward per point;
-- peak memory of 2048 steps against 64 steps (each in a fresh subprocess, resident-set growth during the call);
 - the cost of the finiteness check: path_folding / path_folding with the check switched off (min/median/max over
-  rounds, each the best of 3 interleaved calls).
+  rounds, each the best of 3 interleaved calls);
+- with --compile: path_folding(compile=True) and eager path_folding over the fastest plain forward, eager or compiled
+  (``torch.compile(model)``; each plain forward in one batch and in batches of 64 and 256), min/median/max over
+  interleaved repeats, and the compile times (first call minus a steady call; inductor caches compiled graphs on
+  disk, so a second run reports far less: TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 measures a cold compile).
+Peak memory: benchmarks/bench_memory.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from common import best_times, cnn, fold_over_forward, mlp
+from common import FORWARD_BATCHES, best_times, cnn, fold_over_forward, mlp, parse_with_threads, repeat_times
 from torch import nn
 
 from lightning_spacefold import fold_measure, path_folding
@@ -56,33 +57,6 @@ def per_point_loop(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, s
                 patterns.append(torch.cat([bits.flatten(1) for bits in capture.values], dim=1))
             chis.append(fold_measure(torch.cat(patterns)))
     return torch.stack(chis)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
-def peak_memory_child(steps: int) -> None:
-    """Run in a fresh subprocess: print the peak resident-set growth during one path_folding call (KiB)."""
-    torch.manual_seed(0)
-    model = mlp()
-    starts, ends = torch.rand(64, 1, 28, 28), torch.rand(64, 1, 28, 28)
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset the high-water mark VmHWM to the current resident set
-    path_folding(model, starts, ends, steps=steps)
-    print(json.dumps({"steps": steps, "growth_kib": _status_kib("VmHWM") - before}))
-
-
-def peak_memory(steps: int) -> dict:
-    # A fixed mmap threshold makes glibc return every large freed block at once, so that the resident set follows
-    # the live tensors; with its default (dynamic) threshold, freed blocks are kept and the high-water mark of the
-    # same call varied between 35 and 430 MiB from run to run.
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    command = [sys.executable, __file__, "--memory-child", str(steps)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
-    return json.loads(output)
 
 
 def compare(name: str, model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, steps: int, repeats: int) -> None:
@@ -129,15 +103,70 @@ def finite_check_cost(name: str, model: nn.Module, starts: torch.Tensor, ends: t
     )
 
 
+def compiled_over_forward(
+    name: str, model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, steps: int, repeats: int
+) -> None:
+    """compile=True against eager path_folding and the fastest plain forward, eager or compiled."""
+    points = segment_points(starts, ends, torch.arange(steps + 1, dtype=torch.float64) / steps)
+    compiled_model = torch.compile(model, dynamic=False)
+
+    def plain(run: nn.Module, batch_size: int) -> Callable[[], object]:
+        def call() -> None:
+            with torch.no_grad():
+                for begin in range(0, len(points), batch_size):
+                    run(points[begin : begin + batch_size])
+
+        return call
+
+    def first_call(function: Callable[[], object]) -> float:
+        begin = time.perf_counter()
+        function()
+        first = time.perf_counter() - begin
+        begin = time.perf_counter()
+        function()
+        return first - (time.perf_counter() - begin)
+
+    sizes = [len(points), *(size for size in FORWARD_BATCHES if size < len(points))]
+    plains = {
+        f"{kind} {size}": plain(run, size)
+        for kind, run in (("eager", model), ("compiled", compiled_model))
+        for size in sizes
+    }
+    compile_plain = sum(first_call(function) for label, function in plains.items() if label.startswith("compiled"))
+    fused = lambda: path_folding(model, starts, ends, steps=steps, compile=True)  # noqa: E731
+    compile_fold = first_call(fused)
+    eager = path_folding(model, starts, ends, steps=steps)
+    same = all(
+        torch.equal(getattr(eager, f), getattr(fused(), f))
+        for f in ("chi", "r1", "r2", "layer_r1", "layer_r2", "chi_max")
+    )
+    times = repeat_times([fused, lambda: path_folding(model, starts, ends, steps=steps), *plains.values()], repeats)
+    labels = list(plains)
+    eager_best = [min(row[2 : 2 + len(sizes)]) for row in times]
+    all_best = [min(row[2:]) for row in times]
+    fastest = labels[min(range(len(labels)), key=lambda i: min(row[2 + i] for row in times))]
+    for what, column in (("compile=True", 0), ("eager", 1)):
+        for base, best in (
+            ("fastest eager plain forward", eager_best),
+            ("fastest plain forward, eager or compiled", all_best),
+        ):
+            ratios = [row[column] / b for row, b in zip(times, best, strict=True)]
+            print(
+                f"{name}: path_folding {what} / {base} = min {min(ratios):.2f}x, median "
+                f"{statistics.median(ratios):.2f}x, max {max(ratios):.2f}x over {repeats} repeats"
+            )
+    print(
+        f"{name}: fastest plain forward overall: {fastest}; compile time: path_folding {compile_fold:.1f} s, plain "
+        f"forwards {compile_plain:.1f} s (all {len(sizes)} batch sizes); results identical to eager: {same}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and pairs (a smoke run)")
     parser.add_argument("--finite-check", action="store_true", help="only the cost of the finiteness check")
-    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.memory_child is not None:
-        peak_memory_child(args.memory_child)
-        return
+    parser.add_argument("--compile", action="store_true", help="only compile=True against the plain forwards")
+    args = parse_with_threads(parser)
     torch.manual_seed(0)
     repeats = 2 if args.quick else 5
     pairs, steps = (16, 64) if args.quick else (64, 64)
@@ -145,17 +174,12 @@ def main() -> None:
     networks = (("MLP 784-256x4-10", mlp()), ("CNN 1x28x28", cnn()))
     for name, model in networks:
         starts, ends = torch.rand(pairs, 1, 28, 28), torch.rand(pairs, 1, 28, 28)
+        if args.compile:
+            compiled_over_forward(name, model.eval(), starts, ends, steps, 3 if args.quick else 9)
+            continue
         if not args.finite_check:
             compare(name, model, starts, ends, steps, repeats)
         finite_check_cost(name, model, starts, ends, 3 if args.quick else 9)
-    if args.finite_check:
-        return
-    small, large = peak_memory(64), peak_memory(2048)
-    ratio = max(large["growth_kib"], 1) / max(small["growth_kib"], 1)
-    print(
-        f"MLP peak memory growth: 64 steps {small['growth_kib'] / 1024:.1f} MiB, 2048 steps "
-        f"{large['growth_kib'] / 1024:.1f} MiB, ratio {ratio:.2f}x (target <= 1.5x)"
-    )
 
 
 if __name__ == "__main__":

@@ -195,6 +195,10 @@ class SpaceFoldingCallback(Callback):
         reg_pairs: Where the regularisation paths come from: ``batch`` (random pairs of the current training
             batch, drawn with ``seed``) or ``probe`` (the first ``reg_num_pairs`` measurement pairs, the same on
             every process and at every step).
+        compile: Measure with forward passes compiled by ``torch.compile`` (``compile=True`` of
+            :func:`~lightning_spacefold.path_folding`): compiled at the first measurement, reused by the later ones
+            (the same shapes all fit long). The same values; models with functional activations, or whose
+            compilation fails, are measured eagerly with one warning. Not with ``exact``.
     """
 
     def __init__(
@@ -232,6 +236,7 @@ class SpaceFoldingCallback(Callback):
         reg_steps: int = 16,
         reg_temperature: float = 0.1,
         reg_pairs: Literal["batch", "probe"] = "batch",
+        compile: bool = False,
     ) -> None:
         for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and not is_int(value, minimum=0):
@@ -287,6 +292,10 @@ class SpaceFoldingCallback(Callback):
             raise ValueError(f"`reg_temperature` must be a finite number > 0, got {reg_temperature!r}.")
         if reg_pairs not in _REG_PAIRS:
             raise ValueError(f"`reg_pairs` must be one of {_REG_PAIRS}, got {reg_pairs!r}.")
+        if not isinstance(compile, bool):
+            raise TypeError(f"`compile` must be a bool, got {compile!r}.")
+        if compile and exact:
+            raise ValueError("`compile=True` fuses sampled forward passes; it cannot be combined with `exact=True`.")
 
         self.every_n_train_steps = every_n_train_steps or 0
         self.every_n_epochs = every_n_epochs or 0
@@ -321,6 +330,7 @@ class SpaceFoldingCallback(Callback):
         self.reg_steps = reg_steps
         self.reg_temperature = reg_temperature
         self.reg_pairs = reg_pairs
+        self.compile = compile
 
         self.latest_metrics: dict[str, float] = {}
         self.latest_step: int | None = None
@@ -695,6 +705,7 @@ class SpaceFoldingCallback(Callback):
                 batch_size=batch_size,
                 exact=self.exact,
                 forward=forward,
+                compile=self.compile,
             )
 
         # The trainer's precision measures the network as it trains; the RNG is preserved whatever the model's
@@ -707,7 +718,13 @@ class SpaceFoldingCallback(Callback):
                 # The most folded paths (most paths do not fold at all), as many on every process as on process 0.
                 few = result.chi.argsort(descending=True, stable=True)[: self.num_example_paths]
                 example_patterns = path_patterns(
-                    pl_module, starts[few], ends[few], steps=self.steps, layers=self.layers, forward=forward
+                    pl_module,
+                    starts[few],
+                    ends[few],
+                    steps=self.steps,
+                    layers=self.layers,
+                    forward=forward,
+                    compile=self.compile,
                 )
         self._batch_size = batch_size
         result = result.select(slice(0, count))

@@ -1,0 +1,356 @@
+"""The measured forward pass compiled by ``torch.compile``: ``compile=True`` of ``path_folding``.
+
+In eager mode, a measurement pays for PyTorch's separate passes over every activation: ``z > 0``, the finiteness
+sum, the packing of the bits. Compiled, they are fused into the forward pass. One compiled step per model, forward
+function, layers, input shape, points per pass, dtype, device and autocast state is kept (weakly: forgotten with
+the model) and reused by every later measurement of the same shapes, as a training run's measurements are.
+
+The step runs the forward pass with capture hooks that are created once per step (so that re-registering them
+for each call does not recompile) and take each pre-activation's bits, packed, and its sum at the moment of the call
+(an in-place activation changes its input afterwards), all in one graph. The first affine map is evaluated at the
+segments' ends (:mod:`~lightning_spacefold.line`) when it is an ``nn.Linear`` or an ``nn.Conv1d/2d/3d`` module (zero
+padding) that receives the points, as an eager probe on one path shows. The last, smaller chunk of a measurement is
+padded to the step's shape (repeated paths and parameters whose results are dropped), so it compiles once; a model
+with batch statistics in eval mode (BatchNorm without running statistics) is not padded and compiles a second shape.
+
+Measured eagerly instead, with one warning per model: models with functional activations (``F.relu``) or
+declared SwiGLU units among their layers, and any model whose compilation fails (the failure is remembered).
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_spacefold.capture import (
+    ActivationRule,
+    LayerInfo,
+    LayersChangedError,
+    _module_rule,
+    _without_wrappers,
+    activation_modules,
+)
+from lightning_spacefold.finite import FiniteCheck, finite_sum, output_sum
+from lightning_spacefold.line import LineShortcut, Segments, segment_points
+
+__all__ = ["BACKEND", "CompiledStep", "compiled_step", "pack_bits"]
+
+BACKEND: str | Callable[..., Any] = "inductor"
+"""The ``torch.compile`` backend of the steps (tests use ``"eager"`` or ``"aot_eager"`` to check the plumbing)."""
+
+_AFFINE_MODULES: dict[type[nn.Module], Callable[..., Tensor]] = {
+    nn.Linear: F.linear,
+    nn.Conv1d: F.conv1d,
+    nn.Conv2d: F.conv2d,
+    nn.Conv3d: F.conv3d,
+}
+"""Modules whose forward is exactly their function of the input (convolutions with zero padding)."""
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """:func:`~lightning_spacefold.measure.pack_words` as one reduction that a compiler fuses with the bits.
+
+    Args:
+        bits: Boolean tensor ``[..., M]``.
+
+    Returns:
+        ``int64`` tensor ``[..., ceil(M / 64)]``, the same words as ``pack_words``: unit ``j`` is bit ``j % 64`` of
+        word ``j // 64`` (bit 63 gives the sign; the sum of distinct powers of two never carries).
+    """
+    bits = F.pad(bits, (0, -bits.shape[-1] % 64)).unflatten(-1, (-1, 64))
+    weights = torch.ones((), dtype=torch.int64, device=bits.device) << torch.arange(64, device=bits.device)
+    return (bits.to(torch.int64) * weights).sum(-1)
+
+
+class _Line(Segments):
+    """A chunk's segments as :meth:`Segments.affine` reads them, made inside the compiled step (without points)."""
+
+    def __init__(self, starts: Tensor, ends: Tensor, t: Tensor, dtype: torch.dtype) -> None:
+        self.starts, self.ends, self.t, self.dtype, self.index = starts, ends, t, dtype, None
+
+
+class CompiledStep:
+    """One compiled forward pass of a chunk of points: outputs the sums and the layers' packed bits (or bits).
+
+    Holds no reference to the model: the modules are looked up by name at each call, and the model (or forward
+    function) is an argument of the compiled function.
+
+    Args:
+        hooked: Qualified names of the activation modules whose calls are the layers.
+        selected: Positions of the measured layers among the calls.
+        rules: The rule of each call (of every layer, measured or not).
+        affine: Name of the module whose forward is evaluated at the segments' ends, or ``None``.
+        dtype: The measured pre-activations' dtype (for the finiteness error).
+        shape: Segments and parameters per call ``(G, K)`` (smaller chunks are padded to it), or ``None``.
+        patterns: Return the bits ``[G * K, M]`` instead of each layer's packed words.
+    """
+
+    def __init__(
+        self,
+        hooked: list[str],
+        selected: list[int],
+        rules: list[ActivationRule],
+        affine: str | None,
+        dtype: torch.dtype,
+        shape: tuple[int, int] | None,
+        patterns: bool,
+    ) -> None:
+        self.hooked, self.selected, self.rules, self.affine = hooked, selected, rules, affine
+        self.dtype, self.shape, self.patterns = dtype, shape, patterns
+        # Each call's (sum, bits) in the pass; empty between calls (dynamo guards on its length).
+        self.calls: list[tuple[Tensor, Tensor]] = []
+        self.line: _Line | None = None  # the chunk's segments, during the pass
+        self.module: nn.Module | None = None  # the affine module, during a call
+        # Created once: the same hook and forward objects at every call do not recompile.
+        self.record, self.forward = self._record, self._affine_forward
+        # A code object of its own: dynamo's recompile limit counts per code object, so that steps of other models
+        # and shapes do not use up one another's.
+        step = types.FunctionType(CompiledStep._step.__code__.replace(), globals(), "_step")
+        self.compiled = torch.compile(types.MethodType(step, self), backend=BACKEND, dynamic=False)
+
+    def _record(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        z = args[0]
+        bits = self.rules[len(self.calls)].bits(z).reshape(len(z), -1)
+        # Packed in the same loop: inductor writes a boolean tensor an order of magnitude slower than int64 words.
+        self.calls.append((finite_sum(z), bits if self.patterns else pack_bits(bits)))
+
+    def _affine_forward(self, x: Tensor) -> Tensor:
+        module, line = self.module, self.line
+        assert module is not None and line is not None
+        extra = () if isinstance(module, nn.Linear) else (module.stride, module.padding, module.dilation, module.groups)
+        return line.affine(_AFFINE_MODULES[type(module)], (x, module.weight, module.bias, *extra), {})[0]
+
+    def _step(self, run: Callable[[Tensor], Any], starts: Tensor, ends: Tensor, t: Tensor) -> Any:
+        compute_dtype = torch.promote_types(starts.dtype, torch.float32)
+        self.line = _Line(starts.to(compute_dtype), ends.to(compute_dtype), t, starts.dtype)
+        output = run(segment_points(starts, ends, t))
+        self.line = None
+        layer_sums, bits = zip(*(self.calls[position] for position in self.selected), strict=True)
+        last = output_sum(output)
+        sums = torch.stack([*layer_sums, layer_sums[0].new_zeros(()) if last is None else last])
+        return sums, torch.cat(bits, dim=1) if self.patterns else list(bits)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        run: Callable[[Tensor], Any],
+        starts: Tensor,
+        ends: Tensor,
+        t: Tensor,
+        finite: FiniteCheck,
+    ) -> tuple[Tensor, Any]:
+        """Run the step on the segments ``starts[g] -> ends[g]`` at ``t[k]``.
+
+        Returns:
+            The output's finiteness sum (for ``finite.end_pass``) and each layer's words ``[g * k, words]`` (or the
+            bits ``[g * k, M]``); the layers' sums are added to ``finite``.
+        """
+        rows, count = len(starts), len(t)
+        if self.shape is not None:
+            starts, ends, t = _padded(starts, self.shape[0]), _padded(ends, self.shape[0]), _padded(t, self.shape[1])
+        modules = _named_modules(model)
+        handles = [modules[name].register_forward_pre_hook(self.record) for name in self.hooked]
+        affine = None if self.affine is None else modules[self.affine]
+        own_forward = None if affine is None else affine.__dict__.get("forward")
+        try:
+            if affine is not None:
+                self.module, affine.forward = affine, self.forward
+            sums, values = self.compiled(run, starts, ends, t)
+        finally:
+            self.calls.clear()
+            self.line = self.module = None
+            if affine is not None:
+                del affine.forward
+                if own_forward is not None:
+                    affine.forward = own_forward
+            for handle in handles:
+                handle.remove()
+        for layer_sum in sums[:-1]:
+            finite.add(layer_sum)
+        finite.dtype = self.dtype
+        if (rows, count) != (len(starts), len(t)):
+            shape = (len(starts), len(t))
+
+            def trim(value: Tensor) -> Tensor:
+                return value.unflatten(0, shape)[:rows, :count].flatten(0, 1)
+
+            values = trim(values) if self.patterns else [trim(layer_words) for layer_words in values]
+        return sums[-1], values
+
+
+def _padded(values: Tensor, size: int) -> Tensor:
+    """``values`` with its last row repeated up to ``size`` rows."""
+    missing = size - len(values)
+    return values if missing == 0 else torch.cat([values, values[-1:].expand(missing, *values.shape[1:])])
+
+
+def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {_without_wrappers(name): module for name, module in model.named_modules()}
+
+
+class _ModelSteps:
+    """The steps of one model, and whether it is measured eagerly (warned once)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[Hashable, CompiledStep] = {}
+        self.eager = False
+
+
+_STEPS: weakref.WeakKeyDictionary[nn.Module, _ModelSteps] = weakref.WeakKeyDictionary()
+
+
+def compiled_step(
+    model: nn.Module,
+    run: Callable[[Tensor], Any],
+    forward_key: Hashable,
+    found: Sequence[LayerInfo],
+    selected: Sequence[int],
+    starts: Tensor,
+    ends: Tensor,
+    t: Tensor,
+    shape: tuple[int, int],
+    patterns: bool = False,
+) -> CompiledStep | None:
+    """The compiled step for these layers and chunks, compiled on first use; ``None`` to measure eagerly.
+
+    Call in eval mode without gradients (:func:`~lightning_spacefold.capture.evaluation_mode`), under the autocast
+    state of the measurement.
+
+    Args:
+        model: The network.
+        run: The model or the forward function.
+        forward_key: What identifies the forward function.
+        found: The model's activation layers (:func:`~lightning_spacefold.find_layers`).
+        selected: Positions of the measured layers in ``found``.
+        starts: Path starts; the first ``G`` (with the first ``K`` parameters) compile the step.
+        ends: Path ends.
+        t: The parameters of the points along each path.
+        shape: Segments and parameters per forward pass ``(G, K)``.
+        patterns: Steps for :func:`~lightning_spacefold.path_patterns` (bits instead of packed words).
+
+    Raises:
+        LayersChangedError: When the model's activation modules are not the ``found`` ones (found again and retried
+            by :func:`~lightning_spacefold.folding.with_known_layers`).
+    """
+    entry = _STEPS.setdefault(model, _ModelSteps())
+    if entry.eager:
+        return None
+    unsupported = [layer.name for layer in found if layer.activation.startswith("F.") or layer.activation == "SwiGLU"]
+    if unsupported:
+        _eager(
+            entry,
+            f"compile=True measures activation modules only; layer(s) {unsupported[:3]} are functional activations or "
+            "SwiGLU units. Measuring eagerly (same results).",
+        )
+        return None
+    device = starts.device
+    autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+    key: tuple[Hashable, ...] = (
+        patterns,
+        forward_key,
+        tuple(found),
+        tuple(selected),
+        starts.shape[1:],
+        shape,
+        starts.dtype,
+        device,
+    )
+    key += (autocast, tuple(activation_modules(model)))
+    step = entry.steps.get(key)
+    if step is not None:
+        return step
+    modules = _named_modules(model)
+    hooked = list(dict.fromkeys(layer.module for layer in found))
+    for layer in found:
+        module = modules.get(layer.module)
+        if module is None or _module_rule(module) is None or type(module).__name__ != layer.activation:
+            raise LayersChangedError(f"The activation module {layer.module!r} changed since its layers were found.")
+    affine, dtypes = _probe(model, run, [modules[name] for name in hooked], starts[:1], ends[:1], len(found))
+    rules = [_rule(modules[layer.module]) for layer in found]
+    batch_statistics = any(
+        isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None
+        for module in model.modules()
+    )
+    step = CompiledStep(
+        hooked, list(selected), rules, affine, dtypes[selected[-1]], None if batch_statistics else shape, patterns
+    )
+    try:
+        step(model, run, starts[: shape[0]], ends[: shape[0]], t[: shape[1]], FiniteCheck([]))  # compiles
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # whatever the compiler raises: measured eagerly from now on
+        _eager(entry, f"torch.compile failed ({_cause(error)}). Measuring eagerly (same results).")
+        return None
+    entry.steps[key] = step
+    return step
+
+
+def _cause(error: BaseException) -> str:
+    """The first line of the error that started it all (the compiler wraps it)."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _eager(entry: _ModelSteps, reason: str) -> None:
+    entry.eager = True
+    warnings.warn(f"compile=True: {reason}", stacklevel=4)
+
+
+def _rule(module: nn.Module) -> ActivationRule:
+    rule = _module_rule(module)
+    assert rule is not None
+    return rule(module)
+
+
+def _probe(
+    model: nn.Module,
+    run: Callable[[Tensor], Any],
+    hooked: list[nn.Module],
+    start: Tensor,
+    end: Tensor,
+    num_layers: int,
+) -> tuple[str | None, list[torch.dtype]]:
+    """One eager pass on a path's two ends: the affine module that takes the shortcut, and the layers' dtypes.
+
+    Raises:
+        LayersChangedError: When the hooked modules ran another number of times than there are layers.
+    """
+    pre: list[Tensor] = []
+    calls: dict[nn.Module, list[int]] = {}  # shortcuts taken before and after each call of an affine module
+    candidates = [
+        module
+        for module in model.modules()
+        if type(module) in _AFFINE_MODULES and getattr(module, "padding_mode", "zeros") == "zeros"
+    ]
+    with LineShortcut() as line:
+
+        def before(module: nn.Module, _args: Any) -> None:
+            calls.setdefault(module, []).append(line.shortcuts)
+
+        def after(module: nn.Module, _args: Any, _output: Any) -> None:
+            calls[module].append(line.shortcuts)
+
+        handles = [module.register_forward_pre_hook(lambda _module, args: pre.append(args[0])) for module in hooked]
+        handles += [module.register_forward_pre_hook(before) for module in candidates]
+        handles += [module.register_forward_hook(after) for module in candidates]
+        try:
+            run(line.points(start, end, torch.tensor([0.0, 1.0], dtype=torch.float64, device=start.device)))
+            line.end_pass()
+        finally:
+            for handle in handles:
+                handle.remove()
+    if len(pre) != num_layers:
+        raise LayersChangedError(f"The model ran {len(pre)} activation module calls; {num_layers} layers were found.")
+    names = {module: name for name, module in _named_modules(model).items()}
+    # The one module, called once, during whose call the shortcut was taken.
+    affine = [names[module] for module, counts in calls.items() if counts == [0, 1]]
+    return (affine[0] if affine else None), [z.dtype for z in pre]

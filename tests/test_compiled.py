@@ -1,0 +1,227 @@
+"""compile=True: the same results as eager measurement, compiled once per model and shape, eager when it cannot be.
+
+The plumbing is tested with a counting backend that runs the traced graph as it is (no code generation); one test
+compiles a tiny MLP with the default inductor backend.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import lightning_spacefold.compiled as compiled
+from lightning_spacefold import SpaceFoldingCallback, path_folding, path_patterns, register_activation
+from lightning_spacefold.compiled import pack_bits
+from lightning_spacefold.finite import NonFiniteError
+from lightning_spacefold.measure import pack_words
+from tests.test_callback import Blobs, Classifier, trainer
+
+FIELDS = ("chi", "r1", "r2", "layer_chi", "layer_r1", "layer_r2", "chi_max", "layer_chi_max", "distances", "walked")
+
+
+class Counting:
+    """A backend that counts the graphs it compiles and runs them as traced."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph: torch.fx.GraphModule, _inputs: list[Tensor]):
+        self.graphs += 1
+        return graph.forward
+
+
+@pytest.fixture
+def backend(monkeypatch: pytest.MonkeyPatch) -> Counting:
+    counting = Counting()
+    monkeypatch.setattr(compiled, "BACKEND", counting)
+    return counting
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 70), nn.ReLU(), nn.Linear(70, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 5), nn.Tanh())
+
+
+def segments(paths: int = 7) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return 3 * torch.randn(paths, 1, 3, 4, generator=generator), 3 * torch.randn(paths, 1, 3, 4, generator=generator)
+
+
+def assert_same(compiled_result, eager_result) -> None:
+    for field in FIELDS:
+        value, expected = getattr(compiled_result, field), getattr(eager_result, field)
+        assert (value is None and expected is None) or torch.equal(value, expected), field
+
+
+def test_pack_bits_equals_pack_words() -> None:
+    bits = torch.rand(5, 3, 130) > 0.5
+    bits[0, 0, 63] = bits[1, 0, 127] = True  # the sign bits
+    assert torch.equal(pack_bits(bits), pack_words(bits))
+    assert pack_bits(torch.tensor([[True] + [False] * 63])).item() == 1
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_same_results_as_eager_compiled_once_last_chunk_padded(make, backend: Counting) -> None:
+    model, (starts, ends) = make(), segments()
+    # 7 paths x 41 points in passes of 25 points: groups of fewer paths and a last, shorter chunk (padded).
+    kwargs = {"steps": 40, "batch_size": 25, "return_distances": True}
+    eager = path_folding(model, starts, ends, **kwargs)
+    assert eager.chi.max() > 0  # the test sees folding
+    for _ in range(3):
+        assert_same(path_folding(model, starts, ends, compile=True, **kwargs), eager)
+    assert backend.graphs == 1  # one graph, compiled once: no recompilation for the last chunk or later calls
+    layers = ["2"] if make is mlp else ["4"]
+    assert_same(
+        path_folding(model, starts, ends, layers=layers, compile=True, **kwargs),
+        path_folding(model, starts, ends, layers=layers, **kwargs),
+    )
+
+
+def test_the_first_affine_module_is_evaluated_at_the_segments_ends(backend: Counting) -> None:
+    model, (starts, ends) = mlp(), segments()
+    path_folding(model, starts, ends, steps=8, compile=True)
+    (step,) = compiled._STEPS[model].steps.values()
+    assert step.affine == "1"
+    model[1].forward = lambda x: pytest.fail("the points went through the first Linear")  # the step replaces it
+    with torch.no_grad():
+        path_folding(model, starts, ends, steps=8, compile=True)
+    assert model[1].forward is not None and "forward" in vars(model[1])  # the user's own forward is put back
+
+
+def test_path_patterns(backend: Counting) -> None:
+    model, (starts, ends) = cnn(), segments()
+    for _ in range(2):
+        assert torch.equal(
+            path_patterns(model, starts, ends, steps=9, compile=True), path_patterns(model, starts, ends, steps=9)
+        )
+    assert backend.graphs == 1
+
+
+def test_under_autocast(backend: Counting) -> None:
+    model, (starts, ends) = mlp(), segments()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = path_folding(model, starts, ends, steps=16)
+        assert_same(path_folding(model, starts, ends, steps=16, compile=True), eager)
+    assert_same(path_folding(model, starts, ends, steps=16, compile=True), path_folding(model, starts, ends, steps=16))
+    assert backend.graphs == 2  # autocast is part of the key
+
+
+def test_in_place_activation_gives_the_bits_of_its_input(backend: Counting) -> None:
+    class ClampUp(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x.clamp_(min=0.5)
+
+    register_activation(ClampUp, bits=lambda z: z < 0)
+    torch.manual_seed(0)
+    model, (starts, ends) = nn.Sequential(nn.Flatten(), nn.Linear(12, 9), ClampUp(), nn.Linear(9, 2)), segments()
+    assert_same(path_folding(model, starts, ends, steps=12, compile=True), path_folding(model, starts, ends, steps=12))
+
+
+def test_non_finite_values_are_reported(backend: Counting) -> None:
+    model, (starts, ends) = mlp(), segments()
+    with torch.no_grad():
+        model[3].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="fed layer '4'"):
+        path_folding(model, starts, ends, steps=8, compile=True)
+
+
+def test_functional_activations_are_measured_eagerly_with_one_warning(backend: Counting) -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden, self.out = nn.Linear(12, 9), nn.Linear(9, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(torch.relu(self.hidden(x.flatten(1))))
+
+    model, (starts, ends) = Functional(), segments()
+    with pytest.warns(UserWarning, match="functional activations"):
+        result = path_folding(model, starts, ends, steps=8, compile=True)
+    assert_same(result, path_folding(model, starts, ends, steps=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path_folding(model, starts, ends, steps=8, compile=True)
+    assert backend.graphs == 0
+
+
+def test_a_failing_compile_falls_back_to_eager_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def failing(_graph: torch.fx.GraphModule, _inputs: list[Tensor]):
+        calls.append(1)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(compiled, "BACKEND", failing)
+    model, (starts, ends) = mlp(), segments()
+    with pytest.warns(UserWarning, match="torch.compile failed .*no compiler here"):
+        result = path_folding(model, starts, ends, steps=8, compile=True)
+    assert_same(result, path_folding(model, starts, ends, steps=8))
+    # Nothing left behind: no hooks, the modules' own forwards, and the failure remembered (no retry, no warning).
+    assert all(not module._forward_pre_hooks and "forward" not in vars(module) for module in model.modules())
+    assert calls == [1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same(path_folding(model, starts, ends, steps=8, compile=True), result)
+    assert calls == [1]
+
+
+def test_bad_arguments() -> None:
+    model, (starts, ends) = mlp(), segments()
+    with pytest.raises(ValueError, match="cannot be combined with `exact=True`"):
+        path_folding(model, starts, ends, exact=True, compile=True)
+    with pytest.raises(TypeError, match="`compile` must be a bool"):
+        path_folding(model, starts, ends, compile="yes")
+    with pytest.raises(TypeError, match="`compile` must be a bool"):
+        path_patterns(model, starts, ends, compile=1)
+    with pytest.raises(ValueError, match="cannot be combined with `exact=True`"):
+        SpaceFoldingCallback(exact=True, compile=True)
+    with pytest.raises(TypeError, match="`compile` must be a bool"):
+        SpaceFoldingCallback(compile="yes")
+
+
+def test_a_replaced_activation_is_found_again(backend: Counting) -> None:
+    model, (starts, ends) = mlp(), segments()
+    path_folding(model, starts, ends, steps=8, compile=True)
+    model[4] = nn.Tanh()
+    result = path_folding(model, starts, ends, steps=8, compile=True)
+    assert_same(result, path_folding(model, starts, ends, steps=8))
+
+
+def test_the_cache_does_not_keep_the_model_alive(backend: Counting) -> None:
+    model, (starts, ends) = mlp(), segments()
+    path_folding(model, starts, ends, steps=8, compile=True)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+def test_callback_compiles_once_over_its_measurements(tmp_path: Path, backend: Counting) -> None:
+    torch.manual_seed(0)
+    callback = SpaceFoldingCallback(
+        every_n_train_steps=2, num_pairs=9, steps=16, probe_size=30, pairing="random", log_figures=False, compile=True
+    )
+    model = Classifier()
+    trainer(tmp_path, callback, max_steps=4).fit(model, datamodule=Blobs())
+    assert callback.latest_step == 4 and backend.graphs == 1  # measured at steps 0, 2 and 4
+    pairs = callback._drawn
+    assert torch.equal(callback.latest_result.chi, path_folding(model, pairs.starts, pairs.ends, steps=16).chi)
+
+
+def test_inductor_on_a_tiny_mlp() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    starts, ends = 3 * torch.randn(4, 3), 3 * torch.randn(4, 3)
+    eager = path_folding(model, starts, ends, steps=10, return_distances=True)
+    assert_same(path_folding(model, starts, ends, steps=10, return_distances=True, compile=True), eager)
