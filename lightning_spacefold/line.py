@@ -155,6 +155,10 @@ class Segments:
         self.version = self.points._version
         self.taken = False  # the shortcut was taken
         self.read = False  # some other operation used the points
+        # The points and the views of them made in the pass, by id: every alias comes from an operation seen here,
+        # since any other operation on the points counts as a read (and computes unset points first).
+        self.aliases = {id(self.points)}
+        self.views: list[Any] = []
 
     def set_points(self) -> None:
         """Compute the points' values (interpolated in at least float32, exact at both ends)."""
@@ -173,12 +177,20 @@ class Segments:
             self.points = points
 
     def uses(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Whether an operation's arguments include the points or a view of them."""
+        """Whether an operation's arguments include the points or a view of them made in this pass."""
+        aliases = self.aliases
         for value in (*args, *kwargs.values()):
-            for tensor in value if isinstance(value, list | tuple) else (value,):
-                if isinstance(tensor, Tensor) and tensor.untyped_storage().data_ptr() == self.storage:
+            if isinstance(value, list | tuple):
+                if any(id(item) in aliases for item in value):
                     return True
+            elif id(value) in aliases:
+                return True
         return False
+
+    def add_alias(self, view: Any) -> None:
+        """Watch a view of the points too (kept alive for the pass, so that its id stays its own)."""
+        self.aliases.add(id(view))
+        self.views.append(view)
 
     def hold(self, x: Any) -> bool:
         """Whether ``x`` is the points, unmodified, row for row (itself or a reshaped view of it)."""
@@ -186,6 +198,7 @@ class Segments:
         return (
             type(x) is Tensor
             and x.device == points.device
+            and _memory(x) == self.storage
             and x.data_ptr() == points.data_ptr()
             and x.dtype == points.dtype
             and x.shape[:1] == points.shape[:1]
@@ -216,6 +229,19 @@ class Segments:
         return outputs.to(at_start.dtype), along
 
 
+def _memory(tensor: Tensor) -> int | None:
+    """Where a tensor's storage lives; ``None`` for tensors without memory (torch.compile traces with fake ones)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
+
+
+def _structure(model: nn.Module) -> tuple[tuple[int, bool], ...]:
+    """The model's modules, by identity, and whether each is compiled (``nn.Module.compile``)."""
+    return tuple((id(module), getattr(module, "_compiled_call_impl", None) is not None) for module in model.modules())
+
+
 class LineShortcut(TorchFunctionMode):
     """While active, the first affine map that takes the points of :meth:`points` is evaluated on their segments.
 
@@ -235,7 +261,8 @@ class LineShortcut(TorchFunctionMode):
 
     def __init__(self, model: nn.Module | None = None, key: Hashable = None) -> None:
         super().__init__()
-        self._model, self._key = model, key
+        # A module replaced or compiled since (whose code may read the points unseen) makes it another model here.
+        self._model, self._key = model, (key, None if model is None else _structure(model))
         self._segments: Segments | None = None
         self.shortcuts = 0  # forward passes that took the shortcut
 
@@ -267,10 +294,15 @@ class LineShortcut(TorchFunctionMode):
             segments.taken = True
             self.shortcuts += 1
             return segments.affine(func, args, kwargs)[0]
-        if (self._model is not None or segments.unset) and segments.uses(args, kwargs):
-            harmless = func in _SHAPE_QUERIES or (func in _VIEWS and args[0].is_contiguous())
-            if not harmless:
-                segments.read = True
-                if segments.unset:
-                    segments.set_points()
+        watching = segments.unset or (self._model is not None and not segments.read)
+        if watching and segments.uses(args, kwargs):
+            if func in _SHAPE_QUERIES:
+                return func(*args, **kwargs)
+            if func in _VIEWS and isinstance(args[0], Tensor) and args[0].is_contiguous():
+                view = func(*args, **kwargs)
+                segments.add_alias(view)
+                return view
+            segments.read = True
+            if segments.unset:
+                segments.set_points()
         return func(*args, **kwargs)
