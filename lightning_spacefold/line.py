@@ -23,7 +23,9 @@ its passes cannot show that the points are unused.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -90,8 +92,25 @@ _SHAPE_QUERIES = frozenset(
     }
 )
 
-_UNUSED_POINTS: weakref.WeakKeyDictionary[nn.Module, set[Hashable]] = weakref.WeakKeyDictionary()
-"""Per model, the inputs (by the caller's key) whose points reached nothing but the first affine map in a pass."""
+POINTS_PER_OPERATION = 2048
+"""Points' values (elements) per operation of a pass above which points unused but by the shortcut are not computed.
+
+Leaving them unset means watching every operation of the pass (2-5 us each on a CPU core, measured), and computing
+them costs about 1 ns per value: on networks of many small operations the watch costs more than it saves (the MLP of
+the benchmarks has 40,000 values per operation, its CNN 4,000, ResNet-18 on 3x32x32 images 1,000, MobileNetV3 400).
+"""
+
+
+@dataclass
+class _Learnt:
+    """What a pass showed of how a model uses its points."""
+
+    stem: nn.Module | None  # the module whose affine map took the points, when one did
+    unset: bool  # nothing else used them, and they are worth not computing
+
+
+_LEARNT: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Learnt]] = weakref.WeakKeyDictionary()
+"""Per model and input key, what its last watched pass showed."""
 
 
 def linear_part(func: Any, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
@@ -154,6 +173,7 @@ class Segments:
         self.storage = self.points.untyped_storage().data_ptr()
         self.version = self.points._version
         self.taken = False  # the shortcut was taken
+        self.stem: nn.Module | None = None  # the module whose map took it
         self.read = False  # some other operation used the points
         # The points and the views of them made in the pass, by id: every alias comes from an operation seen here,
         # since any other operation on the points counts as a read (and computes unset points first).
@@ -242,7 +262,7 @@ def _structure(model: nn.Module) -> tuple[tuple[int, bool], ...]:
     return tuple((id(module), getattr(module, "_compiled_call_impl", None) is not None) for module in model.modules())
 
 
-class LineShortcut(TorchFunctionMode):
+class LineShortcut:
     """While active, the first affine map that takes the points of :meth:`points` is evaluated on their segments.
 
     One shortcut per forward pass: the map that the points enter. Use as a context manager around the passes::
@@ -252,49 +272,85 @@ class LineShortcut(TorchFunctionMode):
                 output = model(line.points(starts, ends, chunk_t))
                 line.end_pass()
 
+    The first pass on a model and key is watched whole (a TorchFunctionMode sees every operation): it shows which
+    module's map takes the points and whether anything else uses them. Later passes run that module alone under the
+    mode, or, where the points are used by nothing else and large enough to be worth it
+    (:data:`POINTS_PER_OPERATION`), leave them unset and watch the whole pass again.
+
     Args:
-        model: The model the passes run, to remember across calls whether its points are used by anything but the
-            shortcut; ``None`` to compute the points always.
+        model: The model the passes run, to remember across calls how it uses its points; ``None`` to watch every
+            pass whole and compute the points always.
         key: What decides how the model uses its input, besides the model (e.g. the input's shape and the forward
             function).
     """
 
     def __init__(self, model: nn.Module | None = None, key: Hashable = None) -> None:
-        super().__init__()
         # A module replaced or compiled since (whose code may read the points unseen) makes it another model here.
         self._model, self._key = model, (key, None if model is None else _structure(model))
         self._segments: Segments | None = None
+        self._mode = _Watch(self)
+        self._stack = ExitStack()
+        self._learnt: _Learnt | None = None
+        self.watching = True  # the whole pass is watched
+        self.operations = 0  # operations seen in the passes watched whole
         self.shortcuts = 0  # forward passes that took the shortcut
+
+    def __enter__(self) -> LineShortcut:
+        model = self._model
+        self._learnt = None if model is None else _LEARNT.get(model, {}).get(self._key)
+        learnt = self._learnt
+        self.watching = learnt is None or learnt.unset
+        if self.watching:
+            self._stack.enter_context(self._mode)
+        elif learnt is not None and learnt.stem is not None:
+            self._stack.enter_context(_watched_calls(learnt.stem, self._mode))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
 
     def points(self, starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
         """The points ``[G * K, *shape]`` of the segments ``starts[G] -> ends[G]`` at ``t[K]``, for the next pass."""
-        model = self._model
-        unset = model is not None and self._key in _UNUSED_POINTS.get(model, ())
+        unset = self._learnt is not None and self._learnt.unset
         self._segments = Segments(starts, ends, t, unset=unset)
+        self.operations = 0
         return self._segments.points
 
     def end_pass(self) -> None:
-        """Close the pass: remember whether its points were used by anything but the shortcut."""
+        """Close the pass; after a pass watched whole, remember how the model used its points."""
         segments, model = self._segments, self._model
         self._segments = None
-        if segments is None or model is None:
+        if segments is None or model is None or not self.watching:
             return
-        unused = _UNUSED_POINTS.setdefault(model, set())
-        if segments.taken and not segments.read:
-            unused.add(self._key)
-        else:
-            unused.discard(self._key)
+        unused = segments.taken and not segments.read
+        worth = segments.points.numel() > POINTS_PER_OPERATION * max(self.operations, 1)
+        learnt = _Learnt(segments.stem, unused and worth)
+        _LEARNT.setdefault(model, {})[self._key] = learnt
+        if self._learnt is not None and not learnt.unset:
+            # The points turned out to be used: stop watching whole passes (from the next call on).
+            self._learnt = learnt
+
+
+class _Watch(TorchFunctionMode):
+    """The operations of a pass, as :class:`LineShortcut` sees them."""
+
+    def __init__(self, line: LineShortcut) -> None:
+        super().__init__()
+        self.line = line
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        segments = self._segments
+        line = self.line
+        segments = line._segments
         if segments is None:
             return func(*args, **kwargs)
+        line.operations += 1
         if not segments.taken and func in AFFINE_MAPS and args and segments.hold(args[0]):
             segments.taken = True
-            self.shortcuts += 1
+            segments.stem = _owner(line._model, args[1])
+            line.shortcuts += 1
             return segments.affine(func, args, kwargs)[0]
-        watching = segments.unset or (self._model is not None and not segments.read)
+        watching = segments.unset or (line._model is not None and line.watching and not segments.read)
         if watching and segments.uses(args, kwargs):
             if func in _SHAPE_QUERIES:
                 return func(*args, **kwargs)
@@ -306,3 +362,38 @@ class LineShortcut(TorchFunctionMode):
             if segments.unset:
                 segments.set_points()
         return func(*args, **kwargs)
+
+
+def _owner(model: nn.Module | None, weight: Any) -> nn.Module | None:
+    """The model's module whose ``weight`` the affine map used, if one did."""
+    if model is None:
+        return None
+    return next((module for module in model.modules() if getattr(module, "weight", None) is weight), None)
+
+
+@contextmanager
+def _watched_calls(module: nn.Module, mode: TorchFunctionMode) -> Iterator[None]:
+    """Run every call of ``module`` under ``mode`` (and the rest of the network without it)."""
+    entered: list[bool] = []  # one entry per call in progress: whether it entered the mode
+
+    def enter(_module: nn.Module, _args: Any) -> None:
+        mode.__enter__()
+        entered[-1] = True
+
+    def leave(_module: nn.Module, _args: Any, _output: Any) -> None:
+        if entered.pop():
+            mode.__exit__(None, None, None)
+
+    def start(_module: nn.Module, _args: Any) -> None:
+        entered.append(False)  # before every other pre-hook: a later one that raises leaves nothing to undo
+
+    handles = [
+        module.register_forward_pre_hook(start, prepend=True),
+        module.register_forward_pre_hook(enter),
+        module.register_forward_hook(leave, always_call=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

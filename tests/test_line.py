@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lightning_spacefold.line as line_module
 from lightning_spacefold import path_folding, path_patterns, soft_folding
 from lightning_spacefold.line import LineShortcut, Segments, segment_points
 
@@ -219,7 +220,11 @@ def reference(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor) -> lis
 
 @pytest.fixture
 def computed(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """For every pass, whether its points' values were computed (at once, or when something read them)."""
+    """For every pass, whether its points' values were computed (at once, or when something read them).
+
+    Points of any size are worth leaving unset here: these models are small.
+    """
+    monkeypatch.setattr(line_module, "POINTS_PER_OPERATION", 0)
     passes: list[bool] = []
     init, set_points = Segments.__init__, Segments.set_points
 
@@ -238,12 +243,12 @@ def computed(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
 def test_points_used_by_nothing_but_the_first_map_are_not_computed(computed: list[bool]) -> None:
     model, (starts, ends) = Switchable(), paths(3)
-    outputs = run_passes(model, starts, ends)
-    assert computed == [True, False]  # the first pass shows that the points reach only the first layer
+    run_passes(model, starts, ends)
+    assert computed == [True, True]  # the passes watched whole show that the points reach only the first layer
+    outputs = run_passes(model, starts, ends)  # remembered across calls for the model and key
+    assert computed == [True, True, False, False]
     for output, expected in zip(outputs, reference(model, starts, ends), strict=True):
         torch.testing.assert_close(output, expected)
-    run_passes(model, starts, ends)  # remembered across calls for the model and key
-    assert computed == [True, False, False, False]
 
 
 @pytest.mark.parametrize("change", ["skip", "scale"])
@@ -253,7 +258,7 @@ def test_points_that_something_else_reads_are_computed_first(change: str, comput
     setattr(model, change, True)  # now the input is read after the first layer, or changed in place before it
     expected = reference(model, starts.clone(), ends.clone())
     outputs = run_passes(model, starts, ends)
-    assert computed == [True, False, True, True]  # the unset points were computed before they were read
+    assert computed == [True, True, True, True]  # the unset points were computed before they were read
     for output, value in zip(outputs, expected, strict=True):
         torch.testing.assert_close(output, value)
 
@@ -271,7 +276,7 @@ def test_code_that_bypasses_the_overrides_always_gets_computed_points(computed: 
 def test_path_folding_skips_the_points_once_it_knows_they_are_unused(computed: list[bool], monkeypatch) -> None:
     model, (starts, ends) = mlp(), paths()
     first = path_folding(model, starts, ends, steps=40, batch_size=100, return_distances=True)
-    assert computed == [True] + [False] * 5  # the first pass shows that only the first layer takes the points
+    assert computed == [True] * 6  # the first call's passes show that only the first layer takes the points
     second = path_folding(model, starts, ends, steps=40, batch_size=100, return_distances=True)
     assert computed[6:] == [False] * 6
     expected = without_shortcut(monkeypatch, lambda: path_folding(model, starts, ends, steps=40, batch_size=100))
@@ -281,3 +286,15 @@ def test_path_folding_skips_the_points_once_it_knows_they_are_unused(computed: l
     path_folding(skip, starts, ends, steps=40, batch_size=100)
     path_folding(skip, starts, ends, steps=40, batch_size=100)
     assert computed[-12:] == [True] * 12  # the input also reaches the second layer: always computed
+
+
+def test_small_points_are_computed_and_then_only_the_first_map_is_watched(computed, monkeypatch) -> None:
+    monkeypatch.setattr(line_module, "POINTS_PER_OPERATION", 2048)  # the default: 735 values are not worth it
+    model, (starts, ends) = Switchable(), paths(3)
+    run_passes(model, starts, ends)
+    with torch.no_grad(), LineShortcut(model, "key") as line:
+        output = model(line.points(starts, ends, torch.linspace(0, 0.5, 5, dtype=torch.float64)))
+        line.end_pass()
+        assert not line.watching and line.shortcuts == 1 and line.operations < 4  # the first layer's calls alone
+    assert computed == [True, True, True]
+    torch.testing.assert_close(output, reference(model, starts, ends)[0])
