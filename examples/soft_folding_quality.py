@@ -1,8 +1,8 @@
 """How well the differentiable surrogate soft_folding ranks paths like the exact folding, and what it costs.
 
-Trains a ReLU MLP (three hidden layers of 32 units) on scikit-learn's digits or MNIST-1D, then compares, on random
-pairs of test inputs, ``soft_folding`` (16 steps, several temperatures) with ``path_folding`` (256 steps): Pearson
-and Spearman correlations over the pairs, the ROC AUC of the surrogate for telling the paths that fold (exact
+Trains a ReLU MLP (three hidden layers of 32 units) on scikit-learn's digits, MNIST-1D or MNIST, then compares, on
+random pairs of test inputs, ``soft_folding`` (16 steps, several temperatures) with ``path_folding`` (256 steps):
+Pearson and Spearman correlations over the pairs, the ROC AUC of the surrogate for telling the paths that fold (exact
 chi > 0) from those that do not, and the time of one surrogate forward and backward pass against one exact
 measurement. Most paths of the small digits network do not fold at all, so Spearman's correlation is dominated by
 their ties; the AUC and Pearson's correlation say more. Prints a markdown table.

