@@ -1,6 +1,7 @@
 """path_folding on a zoo of common architectures with random weights: what it finds and what it costs.
 
 Run: python benchmarks/bench_zoo.py [--quick] [--networks resnet18,unet,...] [--repeats 5] [--paths 4] [--threads N]
+[--no-exact] [--compile]
 
 Networks (random weights, nothing downloaded): torchvision resnet18, mobilenet_v3_small, efficientnet_b0 and
 vgg11_bn; timm vit_tiny_patch16_224 (at img_size=64) and convnext_atto; a Hugging Face ViTModel of a small ViTConfig
@@ -10,6 +11,12 @@ timm, transformers: ``pip install -e ".[zoo]"``) is missing are skipped with a n
 
 For each network it prints the activation layers found, the units per point (sum of ``num_units``) and:
 
+0. the first affine block's share of the plain forward of the 4 x 33 points: its FLOPs over the forward's
+   (``FlopCounterMode``: matrix products, convolutions and attention, not elementwise operations; the first matrix
+   product or convolution that runs, also inside ``F.multi_head_attention_forward``), and its time (that call alone
+   on the same input over the forward in one batch, best of the repeats each); what the points go through before
+   the first affine map a ``TorchFunctionMode`` sees, and whether the line shortcut was taken: the forward passes of
+   one ``path_folding`` call in which ``Segments.affine`` ran, of all its passes;
 1. fold/forward: ``path_folding`` time / the fastest plain forward of the same points (``model(points)`` in eval mode
    under ``torch.no_grad()``, the best of: all points in one batch, batches of 64, batches of 256), 4 paths x 33
    points;
@@ -17,7 +24,11 @@ For each network it prints the activation layers found, the units per point (sum
    ``path_folding`` at as many steps as the regions the exact traversal found (dense sampling's floor: one point
    per region crossed), on the first 1% of one path (a whole path crosses tens of thousands of regions). Networks
    whose exact traversal raises (smooth activations) are skipped with the error; a first traversal over 120 s is
-   stopped and skipped; the transformer encoders (LayerNorm, softmax) are skipped without trying.
+   stopped and skipped; the transformer encoders (LayerNorm, softmax) are skipped without trying;
+3. with ``--compile``: ``path_folding(compile=True)`` over the same fastest plain forward, in turns with eager
+   ``path_folding`` (compiled/eager), the first compiled call's time (compile time: that minus the best later call),
+   whether r1 and r2 per path and layer equal eager's, the module evaluated at the segments' ends, and the warning of
+   a network measured eagerly instead.
 
 Timing: the compared functions run in turns, once per repeat (after a warm-up), so that a busy machine slows all of
 them alike; each ratio is taken within one repeat and reported as min/median/max over the repeats (for exact/floor,
@@ -40,10 +51,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from common import exact_over_floor, fold_over_forward, parse_with_threads, spread
+from common import (
+    FORWARD_BATCHES,
+    best_times,
+    exact_over_floor,
+    fold_over_forward,
+    parse_with_threads,
+    repeat_times,
+    spread,
+)
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_spacefold import find_layers, path_folding
+from lightning_spacefold import compiled, find_layers, line, path_folding
+from lightning_spacefold.line import AFFINE_MAPS, segment_points
 
 PATHS, STEPS = 4, 32  # fold/forward: 4 paths x 33 points on the CPU (more with run(paths=...))
 # Exact traversal: one path, over its first EXACT_FRACTION only. A whole path between two random 3x32x32 inputs
@@ -198,6 +221,18 @@ class Row:
     regions: list[int] = field(default_factory=list)
     note: str = ""
     exact_note: str = ""
+    stem_module: str = ""
+    stem_flops_share: float | None = None
+    stem_time_share: float | None = None
+    stem_note: str = ""
+    shortcut: str = ""
+    compiled_forward: list[float] = field(default_factory=list)
+    compiled_eager: list[float] = field(default_factory=list)
+    compile_first_s: float = 0.0
+    compile_s: float = 0.0
+    compile_note: str = ""
+    compile_same: str = ""
+    compile_affine: str = ""
 
 
 def synchronized(function: Callable[[], object], device: torch.device) -> Callable[[], object]:
@@ -236,6 +271,147 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+# Operations that only ask about a tensor's shape or type (left out of what the points went through).
+SHAPE_QUERIES = frozenset(
+    {"__get__", "size", "dim", "__len__", "numel", "stride", "is_contiguous", "is_floating_point", "element_size"}
+)
+aten = torch.ops.aten
+# The operations that affine maps run as (linear layers, convolutions, the projections inside attention).
+PRODUCTS = frozenset(
+    {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.convolution.default}
+)
+
+
+class FirstAffine(TorchFunctionMode):
+    """What the points go through up to the first affine map that a ``TorchFunctionMode`` sees (the line shortcut's
+    view: calls inside another torch function, such as ``F.multi_head_attention_forward``, are not seen): the
+    operations that took the points or a view of them, shape queries aside, and whether that map's input is theirs.
+
+    Args:
+        points: The tensor the forward pass receives.
+    """
+
+    def __init__(self, points: Tensor) -> None:
+        super().__init__()
+        self.storage = points.untyped_storage().data_ptr()
+        self.path: list[str] = []
+        self.found = False
+        self.takes_points = False  # the first affine map's input is the points' memory (a view of them)
+
+    def on_points(self, values: tuple[Any, ...]) -> bool:
+        for value in values:
+            for tensor in value if isinstance(value, list | tuple) else (value,):
+                if isinstance(tensor, Tensor) and tensor.untyped_storage().data_ptr() == self.storage:
+                    return True
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if not self.found:
+            name = getattr(func, "__name__", repr(func))
+            if func in AFFINE_MAPS:
+                self.found, self.takes_points = True, self.on_points(args[:1])
+                self.path.append(name)
+            elif self.on_points((*args, *kwargs.values())) and name not in SHAPE_QUERIES:
+                self.path.append(name)
+        return func(*args, **kwargs)
+
+
+class FirstProduct(TorchDispatchMode):
+    """The first matrix product or convolution of a forward pass (:data:`PRODUCTS`), as called: the first affine
+    block's work, wherever it is called from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.call: tuple[Any, tuple[Any, ...], dict[str, Any]] | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if self.call is None and func in PRODUCTS:
+            self.call = (func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def measure_first_affine(
+    row: Row, model: nn.Module, run_model: Callable[[Tensor], Any], points: Tensor, repeats: int
+) -> None:
+    """The first affine block's share of the plain forward of ``points``: FLOPs (``FlopCounterMode``: matrix
+    products, convolutions and attention; elementwise operations are not counted; with the recorders active,
+    ``nn.TransformerEncoderLayer`` runs its unfused path) and time (its first matrix product
+    or convolution alone, on the same input, over the forward in one batch: the best of ``repeats`` interleaved runs
+    of each), and what the points go through before it (see :class:`FirstAffine`)."""
+    recorder, product = FirstAffine(points), FirstProduct()
+    with torch.no_grad(), recorder, FlopCounterMode(display=False) as whole, product:
+        run_model(points)
+    if product.call is None:
+        row.stem_note = "no matrix product or convolution in the forward"
+        print(f"  first affine block: {row.stem_note}")
+        return
+    func, args, kwargs = product.call
+    with torch.no_grad(), FlopCounterMode(display=False) as first:
+        func(*args, **kwargs)
+    names = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters() if name.endswith("weight")}
+    weights = [
+        names[key] for arg in args if isinstance(arg, Tensor) and (key := arg.untyped_storage().data_ptr()) in names
+    ]
+    row.stem_module = weights[0].removesuffix(".weight").removesuffix("_weight") if weights else "?"
+    row.stem_flops_share = first.get_total_flops() / whole.get_total_flops()
+
+    def first_call() -> None:
+        with torch.no_grad():
+            func(*args, **kwargs)
+
+    def forward() -> None:
+        with torch.no_grad():
+            run_model(points)
+
+    first_best, forward_best = best_times(
+        [synchronized(first_call, points.device), synchronized(forward, points.device)], repeats
+    )
+    row.stem_time_share = first_best / forward_best
+    takes = "its input is the points" if recorder.takes_points else "its input is not the points"
+    row.stem_note = f"{' -> '.join(recorder.path) or 'no affine map seen'} ({takes})"
+    print(
+        f"  first affine block: {row.stem_module} ({func.__name__}): {row.stem_flops_share:.1%} of the forward's "
+        f"FLOPs ({first.get_total_flops() / len(points):,.0f} of {whole.get_total_flops() / len(points):,.0f} per "
+        f"point), {row.stem_time_share:.1%} of its time (best of {repeats}: {first_best * 1e3:.1f} ms of "
+        f"{forward_best * 1e3:.1f} ms, {len(points)} points in one batch); the points' way to the first affine map "
+        f"seen at the function level: {row.stem_note}"
+    )
+
+
+@contextmanager
+def counting_shortcuts() -> Iterator[Counter[str]]:
+    """Count, while active, the forward passes of the sampled measurement (``LineShortcut.points``) and those that
+    took the line shortcut (``Segments.affine``)."""
+    counts: Counter[str] = Counter()
+    points, affine = line.LineShortcut.points, line.Segments.affine
+
+    def counted_points(self: line.LineShortcut, *args: Any, **kwargs: Any) -> Tensor:
+        counts["passes"] += 1
+        return points(self, *args, **kwargs)
+
+    def counted_affine(self: line.Segments, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        counts["shortcuts"] += 1
+        return affine(self, *args, **kwargs)
+
+    line.LineShortcut.points, line.Segments.affine = counted_points, counted_affine  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        line.LineShortcut.points, line.Segments.affine = points, affine  # type: ignore[method-assign]
+
+
+def measure_shortcut(
+    row: Row, model: nn.Module, starts: Tensor, ends: Tensor, forward: Callable[[Tensor], Any] | None
+) -> None:
+    """How many forward passes of one ``path_folding`` call took the line shortcut."""
+    with counting_shortcuts() as counts:
+        path_folding(model, starts, ends, steps=STEPS, forward=forward)
+    row.shortcut = f"{'yes' if counts['shortcuts'] else 'no'} ({counts['shortcuts']}/{counts['passes']} passes)"
+    print(f"  line shortcut taken: {row.shortcut}")
+
+
 def describe_layers(row: Row, model: nn.Module, inputs: Tensor, forward: Callable[[Tensor], Any] | None) -> None:
     layers = find_layers(model, inputs, forward)
     row.layers = len(layers)
@@ -262,6 +438,65 @@ def measure_fold_forward(
     print(
         f"  fold/forward ({len(starts)} paths x {STEPS + 1} points): {spread(row.fold_forward)} over {repeats} "
         f"repeats (best times: path_folding {fold_best:.3f} s; plain forward in {forwards})"
+    )
+
+
+def measure_compiled(
+    row: Row,
+    model: nn.Module,
+    starts: Tensor,
+    ends: Tensor,
+    forward: Callable[[Tensor], Any] | None,
+    repeats: int,
+) -> None:
+    """``path_folding(compile=True)`` over the fastest plain forward of the same points, with eager ``path_folding``
+    in the same turns; the first compiled call's time (the compilation, mostly) and whether it fell back to eager."""
+    device = starts.device
+    eager_result = path_folding(model, starts, ends, steps=STEPS, forward=forward)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        begin = time.perf_counter()
+        result = synchronized(
+            lambda: path_folding(model, starts, ends, steps=STEPS, forward=forward, compile=True), device
+        )()
+        row.compile_first_s = time.perf_counter() - begin
+    fallbacks = [str(warning.message) for warning in caught if "compile=True" in str(warning.message)]
+    row.compile_note = "; ".join(fallbacks)
+    values = [(getattr(result, name), getattr(eager_result, name)) for name in ("layer_r1", "layer_r2")]
+    differ = sum(int((mine != theirs).sum()) for mine, theirs in values)
+    count = sum(mine.numel() for mine, _ in values)
+    row.compile_same = "r1, r2 per path and layer as eager" if differ == 0 else f"{differ} of {count} r1/r2 differ"
+    steps = getattr(compiled, "_STEPS", {}).get(model)
+    affine = sorted({str(step.affine) for step in steps.steps.values()}) if steps is not None else []
+    row.compile_affine = ", ".join(affine) or "none (no compiled step)"
+    points = segment_points(starts, ends, torch.arange(STEPS + 1, dtype=torch.float64, device=device) / STEPS)
+    run_model = model if forward is None else forward
+    batch_sizes = [len(points), *(size for size in FORWARD_BATCHES if size < len(points))]
+
+    def plain(batch_size: int) -> Callable[[], object]:
+        def call() -> None:
+            with torch.no_grad():
+                for first in range(0, len(points), batch_size):
+                    run_model(points[first : first + batch_size])
+
+        return call
+
+    functions = [
+        lambda: path_folding(model, starts, ends, steps=STEPS, forward=forward, compile=True),
+        lambda: path_folding(model, starts, ends, steps=STEPS, forward=forward),
+        *(plain(size) for size in batch_sizes),
+    ]
+    times = repeat_times([synchronized(function, device) for function in functions], repeats)
+    row.compiled_forward = [fold / min(plain_times) for fold, _, *plain_times in times]
+    row.compiled_eager = [fold / eager for fold, eager, *_ in times]
+    best = [min(column) for column in zip(*times, strict=True)]
+    row.compile_s = max(0.0, row.compile_first_s - best[0])
+    print(
+        f"  compiled fold/forward: {spread(row.compiled_forward)}, compiled/eager path_folding "
+        f"{spread(row.compiled_eager)} over {repeats} repeats (best times: compiled {best[0]:.3f} s, eager "
+        f"{best[1]:.3f} s, plain forward {min(best[2:]):.3f} s); first compiled call {row.compile_first_s:.1f} s "
+        f"(compile time ~{row.compile_s:.1f} s); {row.compile_same}; affine module evaluated at the ends: "
+        f"{row.compile_affine}{'; WARNING: ' + row.compile_note if row.compile_note else ''}"
     )
 
 
@@ -304,7 +539,9 @@ def measure_exact(
     )
 
 
-def measure(network: Network, device: torch.device, repeats: int, exact: bool, paths: int) -> Row:
+def measure(
+    network: Network, device: torch.device, repeats: int, exact: bool, paths: int, compile: bool = False
+) -> Row:
     row = Row(network.name, network.input_shape)
     print(f"{network.name} ({'x'.join(map(str, network.input_shape))} inputs)", flush=True)
     if network.package is not None and importlib.util.find_spec(network.package) is None:
@@ -317,7 +554,12 @@ def measure(network: Network, device: torch.device, repeats: int, exact: bool, p
     starts = torch.randn(paths, *network.input_shape, device=device)
     ends = torch.randn(paths, *network.input_shape, device=device)
     describe_layers(row, model, starts[:2], forward)
+    points = segment_points(starts, ends, torch.arange(STEPS + 1, dtype=torch.float64, device=device) / STEPS)
+    measure_first_affine(row, model, model if forward is None else forward, points, repeats)
+    measure_shortcut(row, model, starts, ends, forward)
     measure_fold_forward(row, model, starts, ends, forward, repeats)
+    if compile:
+        measure_compiled(row, model, starts, ends, forward, repeats)
     if exact:
         measure_exact(row, network, model, starts[:EXACT_PATHS], ends[:EXACT_PATHS], forward, repeats)
     return row
@@ -326,20 +568,46 @@ def measure(network: Network, device: torch.device, repeats: int, exact: bool, p
 def table(rows: list[Row]) -> str:
     """The results as a markdown table."""
     lines = [
-        "| network | input | activation layers | units/point | fold/forward min-median-max "
-        "| exact/floor min-median-max |",
-        "|---|---|---|---|---|---|",
+        "| network | input | activation layers | units/point | first affine block: FLOP share, time share "
+        "| shortcut taken | fold/forward min-median-max | exact/floor min-median-max |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         shape = "x".join(map(str, row.input_shape))
         if row.layers is None:
-            lines.append(f"| {row.name} | {shape} | | | {row.note} | |")
+            lines.append(f"| {row.name} | {shape} | | | | | {row.note} | |")
             continue
         exact = row.exact_note or "not measured"
         if row.exact_floor:
             exact = f"{spread(row.exact_floor)} ({'/'.join(map(str, row.regions))} regions)"
         layers = f"{row.layers} ({row.activations})"
-        lines.append(f"| {row.name} | {shape} | {layers} | {row.units:,} | {spread(row.fold_forward)} | {exact} |")
+        stem = row.stem_note
+        if row.stem_flops_share is not None and row.stem_time_share is not None:
+            stem = f"{row.stem_flops_share:.1%}, {row.stem_time_share:.1%} ({row.stem_module})"
+        lines.append(
+            f"| {row.name} | {shape} | {layers} | {row.units:,} | {stem} | {row.shortcut} | {spread(row.fold_forward)} "
+            f"| {exact} |"
+        )
+    return "\n".join(lines)
+
+
+def compiled_table(rows: list[Row]) -> str:
+    """The compiled measurement as a markdown table."""
+    lines = [
+        "| network | compiled fold/forward min-median-max | eager fold/forward min-median-max "
+        "| compiled/eager min-median-max | first compiled call (compile time) | same results | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if not row.compiled_forward:
+            lines.append(f"| {row.name} | {row.note or 'not measured'} | | | | | |")
+            continue
+        lines.append(
+            f"| {row.name} | {spread(row.compiled_forward)} | {spread(row.fold_forward)} "
+            f"| {spread(row.compiled_eager)} | {row.compile_first_s:.1f} s (~{row.compile_s:.1f} s) "
+            f"| {row.compile_same} "
+            f"| affine at the ends: {row.compile_affine}{'; ' + row.compile_note if row.compile_note else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -350,6 +618,7 @@ def run(
     repeats: int | None = None,
     exact: bool | None = None,
     paths: int = PATHS,
+    compile: bool = False,
 ) -> list[Row]:
     """Measure the zoo on ``device``; print each network's figures and a final markdown table.
 
@@ -360,6 +629,8 @@ def run(
         repeats: Interleaved repeats per ratio; 5 by default, 2 when ``quick``.
         exact: Measure exact/floor; by default on the CPU only.
         paths: Paths (of 33 points each) for fold/forward.
+        compile: Also measure ``path_folding(compile=True)`` against the same plain forward (and the eager
+            measurement), with its first call's time.
 
     Returns:
         One row per network, as in the table.
@@ -376,9 +647,12 @@ def run(
     # torch's forward-mode AD (used by exact=True) scripts its decompositions with the deprecated torch.jit.script.
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
     begin = time.perf_counter()
-    rows = [measure(network, target, repeats, exact, paths) for network in NETWORKS if network.name in names]
+    rows = [measure(network, target, repeats, exact, paths, compile) for network in NETWORKS if network.name in names]
     print(f"\nzoo on {target}: {time.perf_counter() - begin:.0f} s in all\n")
     print(table(rows))
+    if compile:
+        print()
+        print(compiled_table(rows))
     return rows
 
 
@@ -390,9 +664,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     parser.add_argument("--paths", type=int, default=PATHS, help=f"paths for fold/forward (default {PATHS})")
     parser.add_argument("--no-exact", action="store_true", help="skip the exact/floor ratio")
+    parser.add_argument(
+        "--compile", action="store_true", help="also measure path_folding(compile=True) and its compile time"
+    )
     args = parse_with_threads(parser)
     networks = None if args.networks is None else [name.strip() for name in args.networks.split(",") if name.strip()]
-    run(args.device, args.quick, networks, args.repeats, False if args.no_exact else None, args.paths)
+    run(args.device, args.quick, networks, args.repeats, False if args.no_exact else None, args.paths, args.compile)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from lightning_spacefold import (
 )
 from lightning_spacefold.exact import _segment_cummax, _segment_cumsum
 from lightning_spacefold.measure import prefix_folding
+from tests.test_callback import trainer
 
 
 def reference_max(walk: list[str]) -> Fraction:
@@ -174,16 +175,7 @@ def test_the_callback_logs_the_maxima(tmp_path) -> None:
     inputs, labels = torch.randn(60, 8) * 2, torch.randint(0, 3, (60,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=20)
     callback = SpaceFoldingCallback(every_n_train_steps=3, num_pairs=30, steps=32, log_figures=False)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(Digits(), loader, loader)
+    trainer(tmp_path, callback, max_steps=3).fit(Digits(), loader, loader)
     metrics, result = callback.latest_metrics, callback.latest_result
     assert metrics["spacefold/folding_max"] == pytest.approx(result.chi_max.mean().item())
     assert metrics["spacefold/folding_max"] > metrics["spacefold/folding"]

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spacefold import SpaceFoldingCallback, path_folding
 from lightning_spacefold.folding import _KNOWN_LAYERS
+from tests.test_callback import trainer
 
 
 def tent() -> nn.Module:
@@ -97,17 +98,8 @@ def test_the_callback_takes_callables(tmp_path: Path) -> None:
         forward_fn=run_tent,
         log_figures=False,
     )
-    trainer = pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-        default_root_dir=tmp_path,
-    )
     loader = DataLoader(TensorDataset(tokens, torch.tensor([0, 1, 2])), batch_size=3)
-    trainer.fit(Tokens(), loader)
+    trainer(tmp_path, callback, max_steps=2).fit(Tokens(), loader)
     result = callback.latest_result
     # The six ordered pairs of tokens at 4 points each: every path across c's interval (0.5, 1.5) samples the
     # patterns 100, 101, 111, 110 or their reverse (chi = 1/3); 0.25 <-> 0.4 stays in one region.
