@@ -391,7 +391,8 @@ def _sampled_folding(
             compiled_step(model, run, _identity(forward), found, selected, starts, ends, t, shape) if compile else None
         )
         if step is None:
-            line = eager.enter_context(LineShortcut(model, inputs_key(starts, forward)))
+            values = group_size * chunk_size * starts[0].numel()
+            line = eager.enter_context(LineShortcut(model, inputs_key(starts, forward), values))
             capture = eager.enter_context(
                 capture_activations(
                     model, walk.add_layer, frozenset(selected), has_functional_layers(found), expected=found
@@ -510,7 +511,7 @@ def path_patterns(
         else:
             with (
                 capture_activations(model, bits, frozenset(selected), has_functional_layers(found)) as capture,
-                LineShortcut(model, inputs_key(starts, forward)) as line,
+                LineShortcut(model, inputs_key(starts, forward), len(starts) * (steps + 1) * starts[0].numel()) as line,
             ):
                 output = run(line.points(starts, ends, t))
             patterns = torch.cat(capture.values, dim=1)

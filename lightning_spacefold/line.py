@@ -106,7 +106,8 @@ class _Learnt:
     """What a pass showed of how a model uses its points."""
 
     stem: nn.Module | None  # the module whose affine map took the points, when one did
-    unset: bool  # nothing else used them, and they are worth not computing
+    unused: bool  # nothing else used them
+    operations: int  # operations of the pass (with the measurement's own)
 
 
 _LEARNT: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Learnt]] = weakref.WeakKeyDictionary()
@@ -274,7 +275,7 @@ class LineShortcut:
 
     The first pass on a model and key is watched whole (a TorchFunctionMode sees every operation): it shows which
     module's map takes the points and whether anything else uses them. Later passes run that module alone under the
-    mode, or, where the points are used by nothing else and large enough to be worth it
+    mode, or, where the points are used by nothing else and the call's passes are large enough to be worth it
     (:data:`POINTS_PER_OPERATION`), leave them unset and watch the whole pass again.
 
     Args:
@@ -282,15 +283,19 @@ class LineShortcut:
             pass whole and compute the points always.
         key: What decides how the model uses its input, besides the model (e.g. the input's shape and the forward
             function).
+        values_per_pass: How many values the points of a pass hold, at most (points times values per point): what
+            leaving them unset would save.
     """
 
-    def __init__(self, model: nn.Module | None = None, key: Hashable = None) -> None:
+    def __init__(self, model: nn.Module | None = None, key: Hashable = None, values_per_pass: int = 0) -> None:
         # A module replaced or compiled since (whose code may read the points unseen) makes it another model here.
         self._model, self._key = model, (key, None if model is None else _structure(model))
         self._segments: Segments | None = None
         self._mode = _Watch(self)
         self._stack = ExitStack()
+        self._values_per_pass = values_per_pass
         self._learnt: _Learnt | None = None
+        self._unset = False  # the points of this call's passes are left unset
         self.watching = True  # the whole pass is watched
         self.operations = 0  # operations seen in the passes watched whole
         self.shortcuts = 0  # forward passes that took the shortcut
@@ -299,7 +304,12 @@ class LineShortcut:
         model = self._model
         self._learnt = None if model is None else _LEARNT.get(model, {}).get(self._key)
         learnt = self._learnt
-        self.watching = learnt is None or learnt.unset
+        self._unset = (
+            learnt is not None
+            and learnt.unused
+            and self._values_per_pass > POINTS_PER_OPERATION * max(learnt.operations, 1)
+        )
+        self.watching = learnt is None or self._unset
         if self.watching:
             self._stack.enter_context(self._mode)
         elif learnt is not None and learnt.stem is not None:
@@ -311,8 +321,7 @@ class LineShortcut:
 
     def points(self, starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
         """The points ``[G * K, *shape]`` of the segments ``starts[G] -> ends[G]`` at ``t[K]``, for the next pass."""
-        unset = self._learnt is not None and self._learnt.unset
-        self._segments = Segments(starts, ends, t, unset=unset)
+        self._segments = Segments(starts, ends, t, unset=self._unset)
         self.operations = 0
         return self._segments.points
 
@@ -323,12 +332,9 @@ class LineShortcut:
         if segments is None or model is None or not self.watching:
             return
         unused = segments.taken and not segments.read
-        worth = segments.points.numel() > POINTS_PER_OPERATION * max(self.operations, 1)
-        learnt = _Learnt(segments.stem, unused and worth)
-        _LEARNT.setdefault(model, {})[self._key] = learnt
-        if self._learnt is not None and not learnt.unset:
-            # The points turned out to be used: stop watching whole passes (from the next call on).
-            self._learnt = learnt
+        _LEARNT.setdefault(model, {})[self._key] = _Learnt(segments.stem, unused, self.operations)
+        if not unused:
+            self._unset = False  # the points turned out to be used: compute them for the rest of the call
 
 
 class _Watch(TorchFunctionMode):

@@ -198,7 +198,7 @@ def _soft_folding(
         capture_activations(
             model, soft_bits, frozenset(selected), has_functional_layers(found), expected=found
         ) as capture,
-        LineShortcut(model, inputs_key(starts, forward)) as line,
+        LineShortcut(model, inputs_key(starts, forward), num_paths * num_points * starts[0].numel()) as line,
     ):
         output = (model if forward is None else forward)(line.points(starts, ends, t))
         capture.check_pass()

@@ -203,7 +203,7 @@ class Switchable(nn.Module):
 def run_passes(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor) -> list[torch.Tensor]:
     """Two passes through one LineShortcut keyed on the model, as path_folding's chunks run."""
     outputs = []
-    with torch.no_grad(), LineShortcut(model, "key") as line:
+    with torch.no_grad(), LineShortcut(model, "key", values_per_pass=len(starts) * 5 * 49) as line:
         for t in (torch.linspace(0, 0.5, 5, dtype=torch.float64), torch.linspace(0.5, 1, 5, dtype=torch.float64)):
             outputs.append(model(line.points(starts, ends, t)))
             line.end_pass()
@@ -292,9 +292,19 @@ def test_small_points_are_computed_and_then_only_the_first_map_is_watched(comput
     monkeypatch.setattr(line_module, "POINTS_PER_OPERATION", 2048)  # the default: 735 values are not worth it
     model, (starts, ends) = Switchable(), paths(3)
     run_passes(model, starts, ends)
-    with torch.no_grad(), LineShortcut(model, "key") as line:
+    with torch.no_grad(), LineShortcut(model, "key", values_per_pass=len(starts) * 5 * 49) as line:
         output = model(line.points(starts, ends, torch.linspace(0, 0.5, 5, dtype=torch.float64)))
         line.end_pass()
         assert not line.watching and line.shortcuts == 1 and line.operations < 4  # the first layer's calls alone
     assert computed == [True, True, True]
     torch.testing.assert_close(output, reference(model, starts, ends)[0])
+
+
+def test_whether_unset_points_are_worth_it_is_decided_per_call(computed: list[bool], monkeypatch) -> None:
+    monkeypatch.setattr(line_module, "POINTS_PER_OPERATION", 50)
+    model, (starts, ends) = mlp(), paths()
+    path_folding(model, starts[:1], ends[:1], steps=2)  # a small warm-up: 147 values, not worth leaving unset
+    path_folding(model, starts[:1], ends[:1], steps=2)
+    assert computed == [True, True]
+    path_folding(model, starts, ends, steps=40, batch_size=100)  # 4,900 values a pass: worth it
+    assert computed[2:] == [False] * 6
