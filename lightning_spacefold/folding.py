@@ -169,12 +169,10 @@ class _Walk:
         self.num_paths = 0  # of the current group
         self.chunk_points = 0
         self.rows = slice(0, 0)  # the current group's paths
-        self.layer_r1 = torch.zeros(num_paths, len(names), dtype=torch.int64, device=device)
-        self.layer_r2 = torch.zeros_like(self.layer_r1)
-        self.r1 = torch.zeros(num_paths, dtype=torch.int64, device=device)
-        self.r2 = torch.zeros_like(self.r1)
-        self.layer_chi_max = folding_from_ranges(self.layer_r1, self.layer_r2)  # zeros in the folding dtype
-        self.chi_max = folding_from_ranges(self.r1, self.r2)
+        # Per path, each layer and then the whole network (the last column): range, length and maximal folding.
+        self.ranges = torch.zeros(num_paths, len(names) + 1, dtype=torch.int64, device=device)
+        self.lengths = torch.zeros_like(self.ranges)
+        self.maxima = folding_from_ranges(self.ranges, self.lengths)  # zeros in the folding dtype
         self.words: list[Tensor] = []  # this chunk's packed patterns, one [G * K, words] tensor per layer
         self.start = torch.zeros(group_size, num_words, dtype=torch.int64, device=device)  # the group's start patterns
         self.previous = torch.zeros_like(self.start)
@@ -204,21 +202,16 @@ class _Walk:
         before = torch.cat([previous.unsqueeze(1), words[:, :-1]], dim=1)
         changes = popcount(torch.stack([words ^ start.unsqueeze(1), words ^ before]))  # one call for both
         previous.copy_(words[:, -1])
-        # [2, G, layers, K]: the distances of each layer's bits along the chunk, points last for the prefix values.
-        layer_from_start, layer_from_previous = segment_sums(changes, widths).transpose(-1, -2).unbind(0)
-        rows = self.rows
-        layer_r1, layer_r2, r1, r2 = self.layer_r1[rows], self.layer_r2[rows], self.r1[rows], self.r2[rows]
-        layer_chi_max, chi_max = self.layer_chi_max[rows], self.chi_max[rows]
-        layer_folding = prefix_folding(layer_from_start, layer_from_previous, layer_r1, layer_r2)
-        torch.maximum(layer_chi_max, layer_folding.amax(-1), out=layer_chi_max)
-        torch.maximum(layer_r1, layer_from_start.amax(-1), out=layer_r1)
-        layer_r2 += layer_from_previous.sum(-1)
-        from_start, from_previous = layer_from_start.sum(1), layer_from_previous.sum(1)  # [G, K]
-        torch.maximum(chi_max, prefix_folding(from_start, from_previous, r1, r2).amax(-1), out=chi_max)
-        walked = from_previous.cumsum(-1) + r2.unsqueeze(-1)
-        torch.maximum(r1, from_start.amax(-1), out=r1)
-        r2.copy_(walked[:, -1])
-        return from_start, walked
+        # [2, G, layers + 1, K]: the distances of each layer's bits along the chunk and of all bits together (the last
+        # row), points last for the prefix values.
+        distances = segment_sums(changes, widths)
+        from_start, from_previous = torch.cat([distances, distances.sum(-1, keepdim=True)], -1).transpose(-1, -2)
+        ranges, lengths, maxima = self.ranges[self.rows], self.lengths[self.rows], self.maxima[self.rows]
+        torch.maximum(maxima, prefix_folding(from_start, from_previous, ranges, lengths).amax(-1), out=maxima)
+        walked = from_previous[:, -1].cumsum(-1) + lengths[:, -1:]
+        torch.maximum(ranges, from_start.amax(-1), out=ranges)
+        lengths += from_previous.sum(-1)
+        return from_start[:, -1], walked
 
 
 def default_batch_size(layers: list[LayerInfo], inputs: Tensor) -> int:
@@ -417,7 +410,10 @@ def _sampled_folding(
                     walked[group, begin : begin + len(chunk_t)] = chunk_walked
     finite.check()
 
-    layer_r1, layer_r2, r1, r2 = walk.layer_r1, walk.layer_r2, walk.r1, walk.r2
+    # Each its own tensor: results are handed out and may be changed in place.
+    layer_r1, layer_r2, r1, r2 = (
+        x.contiguous() for x in (walk.ranges[:, :-1], walk.lengths[:, :-1], walk.ranges[:, -1], walk.lengths[:, -1])
+    )
     return FoldingResult(
         chi=folding_from_ranges(r1, r2),
         r1=r1,
@@ -427,8 +423,8 @@ def _sampled_folding(
         layer_r2=layer_r2,
         layer_names=names,
         steps=steps,
-        chi_max=walk.chi_max,
-        layer_chi_max=walk.layer_chi_max,
+        chi_max=walk.maxima[:, -1].contiguous(),
+        layer_chi_max=walk.maxima[:, :-1].contiguous(),
         distances=distances,
         walked=walked,
     )

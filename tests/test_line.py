@@ -289,7 +289,7 @@ def test_path_folding_skips_the_points_once_it_knows_they_are_unused(computed: l
 
 
 def test_small_points_are_computed_and_then_only_the_first_map_is_watched(computed, monkeypatch) -> None:
-    monkeypatch.setattr(line_module, "POINTS_PER_OPERATION", 2048)  # the default: 735 values are not worth it
+    monkeypatch.setattr(line_module, "POINTS_PER_OPERATION", 16384)  # the default: 735 values are not worth it
     model, (starts, ends) = Switchable(), paths(3)
     run_passes(model, starts, ends)
     with torch.no_grad(), LineShortcut(model, "key", values_per_pass=len(starts) * 5 * 49) as line:
