@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from common import FORWARD_BATCHES, best_times, cnn, fold_over_forward, mlp, parse_with_threads, repeat_times
+from common import best_times, cnn, fold_over_forward, mlp, parse_with_threads, plain_forwards, repeat_times
 from torch import nn
 
 from lightning_spacefold import fold_measure, path_folding
@@ -110,14 +110,6 @@ def compiled_over_forward(
     points = segment_points(starts, ends, torch.arange(steps + 1, dtype=torch.float64) / steps)
     compiled_model = torch.compile(model, dynamic=False)
 
-    def plain(run: nn.Module, batch_size: int) -> Callable[[], object]:
-        def call() -> None:
-            with torch.no_grad():
-                for begin in range(0, len(points), batch_size):
-                    run(points[begin : begin + batch_size])
-
-        return call
-
     def first_call(function: Callable[[], object]) -> float:
         begin = time.perf_counter()
         function()
@@ -126,12 +118,12 @@ def compiled_over_forward(
         function()
         return first - (time.perf_counter() - begin)
 
-    sizes = [len(points), *(size for size in FORWARD_BATCHES if size < len(points))]
     plains = {
-        f"{kind} {size}": plain(run, size)
+        f"{kind}, {label}": function
         for kind, run in (("eager", model), ("compiled", compiled_model))
-        for size in sizes
+        for label, function in plain_forwards(run, points).items()
     }
+    sizes = [label for label in plains if label.startswith("eager")]
     compile_plain = sum(first_call(function) for label, function in plains.items() if label.startswith("compiled"))
     fused = lambda: path_folding(model, starts, ends, steps=steps, compile=True)  # noqa: E731
     compile_fold = first_call(fused)

@@ -52,11 +52,11 @@ from typing import Any
 
 import torch
 from common import (
-    FORWARD_BATCHES,
     best_times,
     exact_over_floor,
     fold_over_forward,
     parse_with_threads,
+    plain_forwards,
     repeat_times,
     spread,
 )
@@ -470,21 +470,10 @@ def measure_compiled(
     affine = sorted({str(step.affine) for step in steps.steps.values()}) if steps is not None else []
     row.compile_affine = ", ".join(affine) or "none (no compiled step)"
     points = segment_points(starts, ends, torch.arange(STEPS + 1, dtype=torch.float64, device=device) / STEPS)
-    run_model = model if forward is None else forward
-    batch_sizes = [len(points), *(size for size in FORWARD_BATCHES if size < len(points))]
-
-    def plain(batch_size: int) -> Callable[[], object]:
-        def call() -> None:
-            with torch.no_grad():
-                for first in range(0, len(points), batch_size):
-                    run_model(points[first : first + batch_size])
-
-        return call
-
     functions = [
         lambda: path_folding(model, starts, ends, steps=STEPS, forward=forward, compile=True),
         lambda: path_folding(model, starts, ends, steps=STEPS, forward=forward),
-        *(plain(size) for size in batch_sizes),
+        *plain_forwards(model if forward is None else forward, points).values(),
     ]
     times = repeat_times([synchronized(function, device) for function in functions], repeats)
     row.compiled_forward = [fold / min(plain_times) for fold, _, *plain_times in times]

@@ -92,24 +92,31 @@ def fold_over_forward(
     Returns:
         The ratio of each repeat, path_folding's best time, and the best time of each plain forward by its label.
     """
-    run_model = model if forward is None else forward
     points = segment_points(starts, ends, torch.arange(steps + 1, dtype=torch.float64, device=starts.device) / steps)
-    batch_sizes = [len(points), *(size for size in FORWARD_BATCHES if size < len(points))]
+    plains = plain_forwards(model if forward is None else forward, points)
+    functions = [lambda: path_folding(model, starts, ends, steps=steps, forward=forward), *plains.values()]
+    times = repeat_times([wrap(function) for function in functions], repeats)
+    best = [min(column) for column in zip(*times, strict=True)]
+    return [fold / min(plain_times) for fold, *plain_times in times], best[0], dict(zip(plains, best[1:], strict=True))
 
-    def plain(batch_size: int) -> Callable[[], object]:
+
+def plain_forwards(run: Callable[[Tensor], Any], points: Tensor) -> dict[str, Callable[[], None]]:
+    """Plain forwards of ``points`` without gradients: in one batch and in batches of :data:`FORWARD_BATCHES`.
+
+    Returns:
+        The functions by label (``one batch``, ``batches of 64``, ...).
+    """
+
+    def plain(batch_size: int) -> Callable[[], None]:
         def call() -> None:
             with torch.no_grad():
                 for begin in range(0, len(points), batch_size):
-                    run_model(points[begin : begin + batch_size])
+                    run(points[begin : begin + batch_size])
 
         return call
 
-    functions = [lambda: path_folding(model, starts, ends, steps=steps, forward=forward)]
-    functions += [plain(batch_size) for batch_size in batch_sizes]
-    times = repeat_times([wrap(function) for function in functions], repeats)
-    best = [min(column) for column in zip(*times, strict=True)]
-    labels = ["one batch" if size == len(points) else f"batches of {size}" for size in batch_sizes]
-    return [fold / min(plain_times) for fold, *plain_times in times], best[0], dict(zip(labels, best[1:], strict=True))
+    sizes = [len(points), *(size for size in FORWARD_BATCHES if size < len(points))]
+    return {"one batch" if size == len(points) else f"batches of {size}": plain(size) for size in sizes}
 
 
 def spread(ratios: list[float]) -> str:
