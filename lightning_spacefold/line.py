@@ -111,8 +111,9 @@ class _Learnt:
     operations: int  # operations of the pass (with the measurement's own)
 
 
-_LEARNT: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Learnt]] = weakref.WeakKeyDictionary()
-"""Per model and input key, what its last watched pass showed."""
+_LEARNT: weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, _Learnt]] = weakref.WeakKeyDictionary()
+"""Per model, the input key of its last watched pass and what it showed (one entry: a ``forward`` made anew for every
+call, a lambda say, must not grow it)."""
 
 
 def linear_part(func: Any, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
@@ -303,7 +304,8 @@ class LineShortcut:
 
     def __enter__(self) -> LineShortcut:
         model = self._model
-        self._learnt = None if model is None else _LEARNT.get(model, {}).get(self._key)
+        known = None if model is None else _LEARNT.get(model)
+        self._learnt = known[1] if known is not None and known[0] == self._key else None
         learnt = self._learnt
         self._unset = (
             learnt is not None
@@ -333,7 +335,7 @@ class LineShortcut:
         if segments is None or model is None or not self.watching:
             return
         unused = segments.taken and not segments.read
-        _LEARNT.setdefault(model, {})[self._key] = _Learnt(segments.stem, unused, self.operations)
+        _LEARNT[model] = (self._key, _Learnt(segments.stem, unused, self.operations))
         if not unused:
             self._unset = False  # the points turned out to be used: compute them for the rest of the call
 

@@ -308,3 +308,14 @@ def test_whether_unset_points_are_worth_it_is_decided_per_call(computed: list[bo
     assert computed == [True, True]
     path_folding(model, starts, ends, steps=40, batch_size=100)  # 4,900 values a pass: worth it
     assert computed[2:] == [False] * 6
+
+
+def test_what_is_learnt_is_one_entry_per_model() -> None:
+    # A forward made anew for every call (a lambda) is another key each time: the memory must not grow with calls.
+    model, (starts, ends) = mlp(), paths(2)
+    sizes = []
+    for _ in range(3):
+        path_folding(model, starts, ends, steps=4, forward=lambda points: model(points))
+        sizes.append(len(line_module._LEARNT))
+    _key, learnt = line_module._LEARNT[model]
+    assert sizes[0] == sizes[1] == sizes[2] and learnt.stem is model[1]
