@@ -117,7 +117,10 @@ def test_mnist_is_mlxtends_digits_in_one_fixed_stratified_split() -> None:
     assert y_val[:12].tolist() == [6, 3, 0, 8, 8, 3, 0, 0, 7, 8, 5, 8]
 
 
-def test_main_job_on_mnist1d_from_the_command_line(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(("dataset", "input_dim"), [("mnist1d", 40), ("mnist", 784)])
+def test_main_job_on_other_datasets_from_the_command_line(
+    dataset: str, input_dim: int, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     cli = load("train").main(
         [
@@ -125,7 +128,7 @@ def test_main_job_on_mnist1d_from_the_command_line(tmp_path: Path, monkeypatch) 
             "--config",
             str(EXAMPLES / "config.yaml"),
             "--data.dataset",
-            "mnist1d",
+            dataset,
             "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=4",
             "--trainer.limit_val_batches=1",
@@ -135,31 +138,7 @@ def test_main_job_on_mnist1d_from_the_command_line(tmp_path: Path, monkeypatch) 
             "--trainer.callbacks.steps=8",
         ]
     )
-    assert cli.model.hparams.input_dim == 40 and cli.datamodule.dataset == "mnist1d"
-    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SpaceFoldingCallback")
-    assert len(callback.latest_result) == 10 * 9 * 3 * 3 and callback.latest_step == 4
-    assert 0.0 <= callback.latest_metrics["spacefold/folding"] < 1.0
-
-
-def test_main_job_on_mnist_from_the_command_line(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    cli = load("train").main(
-        [
-            "fit",
-            "--config",
-            str(EXAMPLES / "config.yaml"),
-            "--data.dataset",
-            "mnist",
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=4",
-            "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.logger=false",
-            "--trainer.callbacks.every_n_train_steps=2",
-            "--trainer.callbacks.steps=8",
-        ]
-    )
-    assert cli.model.hparams.input_dim == 784 and cli.datamodule.dataset == "mnist"
+    assert cli.model.hparams.input_dim == input_dim and cli.datamodule.dataset == dataset
     assert len(cli.datamodule.train_set) == 4000 and len(cli.datamodule.val_set) == 1000
     callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SpaceFoldingCallback")
     assert len(callback.latest_result) == 10 * 9 * 3 * 3 and callback.latest_step == 4
@@ -215,17 +194,23 @@ def test_regularization_experiment(tmp_path: Path, dataset: str) -> None:
     assert (tmp_path / "folding_over_training.png").stat().st_size > 0
 
 
-def test_measure_checkpoints(tmp_path: Path, monkeypatch) -> None:
-
-    monkeypatch.chdir(tmp_path)
+def train_checkpoints(max_steps: int) -> ModuleType:
+    """Fit the examples' MLP on digits in the current folder, a checkpoint every 2 steps in ``ckpt``; the module."""
     digits = load("digits")
     torch.manual_seed(0)
     pl.Trainer(
-        max_steps=4,
+        max_steps=max_steps,
         logger=False,
         enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[ModelCheckpoint(dirpath="ckpt", every_n_train_steps=2, save_top_k=-1)],
     ).fit(digits.MLPClassifier(), datamodule=digits.DigitsDataModule())
+    return digits
+
+
+def test_measure_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    digits = train_checkpoints(max_steps=4)
     arguments = ["ckpt", "--out", "measured", "--num-pairs", "12", "--steps", "16", "--pairing", "random"]
     rows = load("measure_checkpoints").main(arguments)
     assert [row["step"] for row in rows] == [2, 4]

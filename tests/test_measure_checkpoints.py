@@ -6,12 +6,10 @@ import pathlib
 from fractions import Fraction
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.test_examples import load
+from tests.test_examples import load, train_checkpoints
 
 
 class RunsCode:
@@ -28,15 +26,7 @@ class RunsCode:
 def checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A folder with a real Lightning checkpoint (step 2) of the examples' MLP on digits."""
     monkeypatch.chdir(tmp_path)
-    digits = load("digits")
-    torch.manual_seed(0)
-    pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath="ckpt", every_n_train_steps=2, save_top_k=-1)],
-    ).fit(digits.MLPClassifier(), datamodule=digits.DigitsDataModule())
+    train_checkpoints(max_steps=2)
     return tmp_path / "ckpt"
 
 
