@@ -1,4 +1,4 @@
-"""Peak resident memory of `path_folding` against a plain forward loop over the same points in the same chunks.
+"""Peak resident memory of `path_folding` against a plain forward loop over the same points in the same passes.
 
 Run: python benchmarks/bench_memory.py [--quick] [--repeats N] [--threads N]
 
@@ -6,8 +6,8 @@ Every measurement runs in a fresh process (a Python process's heap remembers ear
 784-256-256-10 and the paths' ends, runs both functions once on two paths (loading their code), resets the
 high-water mark of its resident set (``/proc/self/clear_refs``) and reports the peak rise during one call
 (``VmHWM`` after the call minus ``VmRSS`` before it) and the rise kept after it (``VmRSS``). The plain loop runs
-``model(points)`` without gradients over the chunks ``path_folding`` uses (``G`` paths x ``K`` points, the same
-formula), building each chunk's points as it does. Configurations run in turns, plain then path_folding, for
+``model(points)`` without gradients over the forward passes ``path_folding`` makes (``walk_layout``),
+building each pass's points as it does. Configurations run in turns, plain then path_folding, for
 ``--repeats`` rounds; the ratio of each round is path_folding's peak rise over the plain loop's.
 
 Target (issue 22): path_folding's peak rise within 1.25x of the plain loop's plus a few MiB (8 MiB here), on every
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,13 @@ import torch
 from torch import nn
 
 from lightning_spacefold import path_folding
-from lightning_spacefold.folding import _balanced, default_batch_size, discover_layers, segment_points
+from lightning_spacefold.folding import (
+    default_batch_size,
+    discover_layers,
+    segment_points,
+    walk_layout,
+    walk_passes,
+)
 
 GRID = ((1_000, 16), (1_000, 1_024), (2_000, 1_024), (10_000, 64), (100_000, 16), (100_000, 32))
 QUICK_GRID = ((1_000, 16), (1_000, 256), (10_000, 32))
@@ -47,17 +54,20 @@ def _status_kib(field: str) -> int:
 
 
 def plain_loop(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, steps: int) -> None:
-    """``model(points)`` over the chunks of ``path_folding`` (its default batch size), without gradients."""
-    batch_size = default_batch_size(discover_layers(model, starts, ends), starts)
+    """``model(points)`` over the forward passes of ``path_folding`` (its default batch size), without gradients."""
+    layers = discover_layers(model, starts, ends)
     num_paths, num_points = len(starts), steps + 1
-    group_size = _balanced(num_paths, max(1, batch_size // min(num_points, batch_size)))
-    chunk_size = _balanced(num_points, max(1, batch_size // group_size))
+    num_words = sum(math.ceil(layer.num_units / 64) for layer in layers)
+    layout = walk_layout(num_paths, num_points, default_batch_size(layers, starts), num_words)
     t = torch.arange(num_points, dtype=torch.float64) / steps
     with torch.no_grad():
-        for first in range(0, num_paths, group_size):
-            group = slice(first, first + group_size)
-            for begin in range(0, num_points, chunk_size):
-                model(segment_points(starts[group], ends[group], t[begin : begin + chunk_size]))
+        for first in range(0, num_paths, layout.group_size):
+            group = slice(first, first + layout.group_size)
+            for begin in range(0, num_points, layout.chunk_size):
+                chunk_t = t[begin : begin + layout.chunk_size]
+                passes = walk_passes(len(starts[group]), len(chunk_t), layout.pass_paths, layout.pass_points)
+                for paths, points in passes:
+                    model(segment_points(starts[group][paths], ends[group][paths], chunk_t[points]))
 
 
 def child(mode: str, num_paths: int, steps: int, threads: int | None) -> None:

@@ -8,11 +8,12 @@ patterns and each layer's running range and length are kept.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import ExitStack
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +51,15 @@ __all__ = [
 
 MIN_BATCH_SIZE = 64
 MAX_BATCH_SIZE = 8192
+CPU_BATCH_BYTES = 8 * 2**20
+"""The largest activation (or input) of a forward pass on CPU, at most. Passes of 16 MiB ran the benchmark MLP's matrix
+products 30% slower and raised the peak memory by tens of MiB; passes of 4 MiB cut small-input CNNs (ResNet-18 at
+32x32) into passes of one path, 1.3x slower."""
+ACCELERATOR_BATCH_BYTES = 512 * 2**20
+"""The same on accelerators."""
+WALK_WORDS = 2**14
+"""Packed words (of all measured layers, over all points) a chunk of the walk holds at most, unless one forward pass
+holds more: 128 KiB, and about seven times that in the chunk's temporaries."""
 
 
 T = TypeVar("T")
@@ -146,10 +156,12 @@ def with_known_layers(
 class _Walk:
     """Running range, length and maximal folding of a group of paths, per layer, fed one chunk of points at a time.
 
-    Each layer's bits are packed into 64-bit words inside its activation hook, so no layer's bits outlive its call;
-    the distances of all layers are counted together when the chunk ends. Between chunks only the packed start
-    and previous patterns of each path are kept. The sums of each layer's pre-activations and of the output are
-    kept for one finiteness check at the end (:mod:`~lightning_spacefold.finite`).
+    A chunk is ``G`` paths by ``K`` consecutive points, run through the model in one or more forward passes. Each
+    layer's bits are packed into 64-bit words inside its activation hook and written into the chunk's block of
+    words, so no layer's bits outlive its call; the distances of all layers are counted together when the chunk
+    ends. Between chunks only the packed start and previous patterns of each path are kept. The sums of each
+    layer's pre-activations and of the output are kept for one finiteness check at the end
+    (:mod:`~lightning_spacefold.finite`).
 
     One walk serves all the groups of a measurement (:meth:`begin_group`): every tensor that outlives a chunk is
     allocated once, for all paths, and updated in place. Small tensors allocated among a chunk's large temporaries
@@ -159,22 +171,26 @@ class _Walk:
     def __init__(
         self,
         names: list[str],
+        widths: list[int],
         num_paths: int,
-        group_size: int,
-        num_words: int,
+        chunk_shape: tuple[int, int],
         device: torch.device,
         finite: FiniteCheck,
     ) -> None:
-        self.names = names
+        self.names, self.widths = names, widths
+        self.offsets = [0, *itertools.accumulate(widths)]  # each layer's first word
         self.num_paths = 0  # of the current group
-        self.chunk_points = 0
         self.rows = slice(0, 0)  # the current group's paths
+        self.block = (slice(0, 0), slice(0, 0))  # the current pass's paths and points within the chunk
+        self.pass_rows = 0
         # Per path, each layer and then the whole network (the last column): range, length and maximal folding.
         self.ranges = torch.zeros(num_paths, len(names) + 1, dtype=torch.int64, device=device)
         self.lengths = torch.zeros_like(self.ranges)
         self.maxima = folding_from_ranges(self.ranges, self.lengths)  # zeros in the folding dtype
-        self.words: list[Tensor] = []  # this chunk's packed patterns, one [G * K, words] tensor per layer
-        self.start = torch.zeros(group_size, num_words, dtype=torch.int64, device=device)  # the group's start patterns
+        num_words = self.offsets[-1]
+        self.buffer = torch.zeros(*chunk_shape, num_words, dtype=torch.int64, device=device)
+        self.words = self.buffer  # this chunk's packed patterns, [G, K, words]
+        self.start = torch.zeros(chunk_shape[0], num_words, dtype=torch.int64, device=device)  # the group's starts
         self.previous = torch.zeros_like(self.start)
         self.opens = True  # the next chunk opens the group's paths
         self.finite = finite
@@ -183,42 +199,60 @@ class _Walk:
         """Walk the paths ``rows`` (``num_paths`` of them) from their start."""
         self.rows, self.num_paths, self.opens = rows, num_paths, True
 
-    def add_layer(self, position: int, pre_activation: Tensor, rule: ActivationRule) -> None:
-        check_batch_first(self.names[position], pre_activation, self.num_paths * self.chunk_points)
-        self.finite.add(pre_activation)
-        self.words.append(pack_words(rule.bits(pre_activation).reshape(self.num_paths * self.chunk_points, -1)))
+    def begin_chunk(self, num_points: int) -> None:
+        """Take the next ``num_points`` points of the group's paths."""
+        self.words = self.buffer[: self.num_paths, :num_points]
 
-    def end_chunk(self, output: Any) -> tuple[Tensor, Tensor]:
-        """Close the chunk: update the running values; return its distances from the start and lengths walked."""
-        self.finite.end_pass(output)
-        widths = [layer_words.shape[1] for layer_words in self.words]
-        words = torch.cat(self.words, dim=1).view(self.num_paths, self.chunk_points, -1)
-        self.words = []
+    def begin_pass(self, paths: slice, points: slice) -> None:
+        """Run the chunk's paths ``paths`` at its points ``points`` (both within bounds) in the next forward pass."""
+        self.block = (paths, points)
+        self.pass_rows = (paths.stop - paths.start) * (points.stop - points.start)
+
+    def add_layer(self, position: int, pre_activation: Tensor, rule: ActivationRule) -> None:
+        check_batch_first(self.names[position], pre_activation, self.pass_rows)
+        self.finite.add(pre_activation)
+        self.add_words(position, pack_words(rule.bits(pre_activation).reshape(len(pre_activation), -1)))
+
+    def add_words(self, position: int, words: Tensor) -> None:
+        """Write one layer's packed words ``[pass points, words]`` into the chunk's block."""
+        paths, points = self.block
+        block = self.words[paths, points, self.offsets[position] : self.offsets[position + 1]]
+        block.copy_(words.view(block.shape))
+
+    def end_chunk(self, distances: bool) -> tuple[Tensor, Tensor] | None:
+        """Close the chunk: update the running values; return its distances from the start and lengths walked.
+
+        Args:
+            distances: Whether to return them (``None`` otherwise).
+        """
+        words = self.words
         start, previous = self.start[: self.num_paths], self.previous[: self.num_paths]
         if self.opens:
             start.copy_(words[:, 0])
             previous.copy_(words[:, 0])  # the first point adds 0 to the length
             self.opens = False
-        before = torch.cat([previous.unsqueeze(1), words[:, :-1]], dim=1)
-        changes = popcount(torch.stack([words ^ start.unsqueeze(1), words ^ before]))  # one call for both
+        # What changed from the start and from the point before, written side by side for one count of both.
+        changed = words.new_empty(2, *words.shape)
+        torch.bitwise_xor(words, start.unsqueeze(1), out=changed[0])
+        torch.bitwise_xor(words[:, 1:], words[:, :-1], out=changed[1, :, 1:])
+        torch.bitwise_xor(words[:, 0], previous, out=changed[1, :, 0])
         previous.copy_(words[:, -1])
         # [2, G, layers + 1, K]: the distances of each layer's bits along the chunk and of all bits together (the last
         # row), points last for the prefix values.
-        distances = segment_sums(changes, widths)
-        from_start, from_previous = torch.cat([distances, distances.sum(-1, keepdim=True)], -1).transpose(-1, -2)
+        from_start, from_previous = segment_sums(popcount(changed), self.widths, total=True).transpose(-1, -2)
         ranges, lengths, maxima = self.ranges[self.rows], self.lengths[self.rows], self.maxima[self.rows]
         torch.maximum(maxima, prefix_folding(from_start, from_previous, ranges, lengths).amax(-1), out=maxima)
-        walked = from_previous[:, -1].cumsum(-1) + lengths[:, -1:]
+        walked = from_previous[:, -1].cumsum(-1) + lengths[:, -1:] if distances else None
         torch.maximum(ranges, from_start.amax(-1), out=ranges)
         lengths += from_previous.sum(-1)
-        return from_start[:, -1], walked
+        return None if walked is None else (from_start[:, -1], walked)
 
 
 def default_batch_size(layers: list[LayerInfo], inputs: Tensor) -> int:
     """Points per forward pass such that the largest activation of a batch stays within a cache-friendly budget.
 
-    The budget is 16 MiB on CPU (large convolution batches run slower there) and 512 MiB on accelerators; the
-    result lies between 64 and 8192 points.
+    The budget is 8 MiB on CPU (:data:`CPU_BATCH_BYTES`: larger batches run slower there and take more memory) and
+    512 MiB on accelerators; the result lies between 64 and 8192 points.
 
     Args:
         layers: The model's activation layers (:func:`~lightning_spacefold.find_layers`).
@@ -228,7 +262,7 @@ def default_batch_size(layers: list[LayerInfo], inputs: Tensor) -> int:
         The number of points per forward pass.
     """
     per_point = max([inputs[0].numel(), *(layer.num_units for layer in layers)]) * inputs.element_size()
-    budget = (16 if inputs.device.type == "cpu" else 512) * 2**20
+    budget = CPU_BATCH_BYTES if inputs.device.type == "cpu" else ACCELERATOR_BATCH_BYTES
     return int(min(MAX_BATCH_SIZE, max(MIN_BATCH_SIZE, budget // per_point)))
 
 
@@ -364,27 +398,26 @@ def _sampled_folding(
 ) -> FoldingResult:
     selected = select_layers([layer.name for layer in found], layers)
     names = [found[index].name for index in selected]
-    batch_size = default_batch_size(found, starts) if batch_size is None else batch_size
     num_paths, num_points = len(starts), steps + 1
-    group_size = _balanced(num_paths, max(1, batch_size // min(num_points, batch_size)))
-    chunk_size = _balanced(num_points, max(1, batch_size // group_size))
+    widths = [math.ceil(found[index].num_units / 64) for index in selected]
+    batch_size = default_batch_size(found, starts) if batch_size is None else batch_size
+    group_size, chunk_size, pass_paths, pass_points = walk_layout(num_paths, num_points, batch_size, sum(widths))
     t = torch.arange(num_points, dtype=torch.float64, device=starts.device) / steps
     run = model if forward is None else forward
     finite = FiniteCheck(names)
-    num_words = sum(math.ceil(found[index].num_units / 64) for index in selected)
-    walk = _Walk(names, num_paths, group_size, num_words, starts.device, finite)
+    walk = _Walk(names, widths, num_paths, (group_size, chunk_size), starts.device, finite)
     # Written in place, chunk by chunk: [P, steps + 1] each.
     distances = (
         torch.zeros(num_paths, num_points, dtype=torch.int64, device=starts.device) if return_distances else None
     )
     walked = torch.zeros_like(distances) if distances is not None else None
     with evaluation_mode(model), ExitStack() as eager:
-        shape = (group_size, chunk_size)
+        shape = (pass_paths, pass_points)
         step = (
             compiled_step(model, run, _identity(forward), found, selected, starts, ends, t, shape) if compile else None
         )
         if step is None:
-            values = group_size * chunk_size * starts[0].numel()
+            values = pass_paths * pass_points * starts[0].numel()
             line = eager.enter_context(LineShortcut(model, inputs_key(starts, forward), values))
             capture = eager.enter_context(
                 capture_activations(
@@ -392,22 +425,29 @@ def _sampled_folding(
                 )
             )
         for first in range(0, num_paths, group_size):
-            group = slice(first, first + group_size)
-            walk.begin_group(group, len(starts[group]))
+            group = slice(first, min(first + group_size, num_paths))
+            walk.begin_group(group, group.stop - group.start)
             for begin in range(0, num_points, chunk_size):
-                chunk_t = t[begin : begin + chunk_size]
-                walk.chunk_points = len(chunk_t)
-                if step is None:
-                    capture.reset()
-                    output = run(line.points(starts[group], ends[group], chunk_t))
-                    line.end_pass()
-                    capture.check_pass()
-                else:
-                    output, walk.words = step(model, run, starts[group], ends[group], chunk_t, finite)
-                chunk_distances, chunk_walked = walk.end_chunk(output)
-                if distances is not None and walked is not None:
-                    distances[group, begin : begin + len(chunk_t)] = chunk_distances
-                    walked[group, begin : begin + len(chunk_t)] = chunk_walked
+                chunk = slice(begin, min(begin + chunk_size, num_points))
+                walk.begin_chunk(chunk.stop - chunk.start)
+                group_starts, group_ends, chunk_t = starts[group], ends[group], t[chunk]
+                for paths, points in walk_passes(len(group_starts), len(chunk_t), pass_paths, pass_points):
+                    walk.begin_pass(paths, points)
+                    if step is None:
+                        capture.reset()
+                        output = run(line.points(group_starts[paths], group_ends[paths], chunk_t[points]))
+                        line.end_pass()
+                        capture.check_pass()
+                    else:
+                        output, layer_words = step(
+                            model, run, group_starts[paths], group_ends[paths], chunk_t[points], finite
+                        )
+                        for position, words in enumerate(layer_words):
+                            walk.add_words(position, words)
+                    finite.end_pass(output)
+                chunk_values = walk.end_chunk(distances is not None)
+                if distances is not None and walked is not None and chunk_values is not None:
+                    distances[group, chunk], walked[group, chunk] = chunk_values
     finite.check()
 
     # Each its own tensor: results are handed out and may be changed in place.
@@ -514,6 +554,47 @@ def path_patterns(
     finite.end_pass(output)
     finite.check()
     return patterns.unflatten(0, shape)
+
+
+class WalkLayout(NamedTuple):
+    """How :func:`path_folding` cuts its paths: chunks of the walk and the forward passes within them."""
+
+    group_size: int
+    """Paths walked together."""
+    chunk_size: int
+    """Consecutive points of those paths counted together (a chunk)."""
+    pass_paths: int
+    """Paths of the chunk in one forward pass."""
+    pass_points: int
+    """Points of each of those paths in one forward pass."""
+
+
+def walk_layout(num_paths: int, num_points: int, batch_size: int, num_words: int) -> WalkLayout:
+    """The chunks and forward passes of a walk of ``num_paths`` paths of ``num_points`` points.
+
+    A chunk holds several forward passes of ``batch_size`` points where its packed words are few (at most
+    :data:`WALK_WORDS`): counting a chunk costs the same few dozen operations whatever its size.
+
+    Args:
+        num_paths: Paths.
+        num_points: Points per path.
+        batch_size: Points per forward pass, at most.
+        num_words: Packed words per point (all measured layers).
+    """
+    chunk_points = max(batch_size, WALK_WORDS // num_words)
+    group_size = _balanced(num_paths, max(1, chunk_points // min(num_points, chunk_points)))
+    chunk_size = _balanced(num_points, max(1, chunk_points // group_size))
+    # Each forward pass: whole paths of the chunk, or a run of one path's points.
+    pass_paths = _balanced(group_size, max(1, batch_size // chunk_size))
+    pass_points = chunk_size if pass_paths > 1 else _balanced(chunk_size, batch_size)
+    return WalkLayout(group_size, chunk_size, pass_paths, pass_points)
+
+
+def walk_passes(num_paths: int, num_points: int, paths: int, points: int) -> Iterator[tuple[slice, slice]]:
+    """The forward passes of a chunk: blocks of at most ``paths`` of its paths by ``points`` of its points."""
+    for first in range(0, num_paths, paths):
+        for begin in range(0, num_points, points):
+            yield slice(first, min(first + paths, num_paths)), slice(begin, min(begin + points, num_points))
 
 
 def _balanced(total: int, most: int) -> int:

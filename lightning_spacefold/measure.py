@@ -8,9 +8,9 @@ is batched over the leading dimensions, differentiable nowhere (patterns are dis
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -86,11 +86,17 @@ _ODD_BITS, _BIT_PAIRS, _NIBBLES, _BYTE_ONES = (
 )
 
 
+def _by_numpy(tensor: Tensor) -> bool:
+    """Whether to count and pack with NumPy (on CPU, outside compiled code): a tenth of the integer operations' time."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def pack_words(bits: Tensor) -> Tensor:
     """Pack boolean patterns 64 units to an ``int64`` word, for counting with :func:`popcount`.
 
-    The bools are read as int64 words of eight 0/1 bytes, and one multiplication gathers each word's eight bytes
-    into one byte: a handful of passes over an eighth of the data, instead of one per unit.
+    On CPU by NumPy's ``packbits``; elsewhere the bools are read as int64 words of eight 0/1 bytes, and one
+    multiplication gathers each word's eight bytes into one byte: a handful of passes over an eighth of the data,
+    instead of one per unit.
 
     Args:
         bits: Boolean tensor ``[..., M]``.
@@ -99,20 +105,38 @@ def pack_words(bits: Tensor) -> Tensor:
         ``int64`` tensor ``[..., ceil(M / 64)]``; the last word is padded with zeros. Unit ``j`` is bit ``j % 64``
         of word ``j // 64`` on a little-endian machine (and at a fixed position on any machine).
     """
+    if _by_numpy(bits):
+        packed = torch.from_numpy(np.packbits(bits.numpy(), axis=-1, bitorder="little"))
+    else:
+        packed = _gather_bytes(bits)
+    if packed.shape[-1] % 8:
+        packed = torch.nn.functional.pad(packed, (0, -packed.shape[-1] % 8))
+    return packed.view(torch.int64)
+
+
+def _gather_bytes(bits: Tensor) -> Tensor:
+    """Eight units to a byte, ``[..., M]`` to ``uint8 [..., ceil(M / 8)]``, unit ``j`` at bit ``j % 8``."""
     if bits.shape[-1] % 8:
         bits = torch.nn.functional.pad(bits, (0, -bits.shape[-1] % 8))
     bits = bits.contiguous()
     if bits.storage_offset() % 8:
         bits = bits.clone()
     gathered = bits.view(torch.int64) * _GATHER_BYTES
-    packed = gathered.bitwise_right_shift_(56).to(torch.uint8)  # the cast keeps the low byte
-    if packed.shape[-1] % 8:
-        packed = torch.nn.functional.pad(packed, (0, -packed.shape[-1] % 8))
-    return packed.view(torch.int64)
+    return gathered.bitwise_right_shift_(56).to(torch.uint8)  # the cast keeps the low byte
 
 
 def popcount(words: Tensor) -> Tensor:
-    """Number of set bits of each ``int64`` word, ``[...]`` to ``[...]``, in a few integer operations (SWAR)."""
+    """Number of set bits of each ``int64`` word, ``[...]`` to ``int64 [...]``.
+
+    On CPU by NumPy's ``bitwise_count``; elsewhere in a few integer operations (SWAR).
+    """
+    if _by_numpy(words):
+        # Unsigned: NumPy counts the bits of a signed integer's absolute value.
+        return torch.from_numpy(np.bitwise_count(words.numpy().view(np.uint64))).to(torch.int64)
+    return _popcount_swar(words)
+
+
+def _popcount_swar(words: Tensor) -> Tensor:
     # In place where possible: each temporary is as large as the words.
     shifted = words >> 1
     shifted &= _ODD_BITS  # the masks drop the sign bits that >> shifts in
@@ -127,19 +151,25 @@ def popcount(words: Tensor) -> Tensor:
     return counts.bitwise_right_shift_(56)
 
 
-def segment_sums(values: Tensor, widths: Sequence[int]) -> Tensor:
+def segment_sums(values: Tensor, widths: Sequence[int], *, total: bool = False) -> Tensor:
     """Sums of consecutive segments of the last dimension: one count per layer of a concatenated pattern.
+
+    One matrix product with a 0/1 matrix (in float64, exact for any count below 2**53).
 
     Args:
         values: Integer tensor ``[..., W]`` (e.g. :func:`popcount` of packed words).
         widths: Length of each segment, summing to ``W``.
+        total: Also the sum of all of them, as a last column.
 
     Returns:
-        ``int64`` tensor ``[..., len(widths)]``.
+        ``int64`` tensor ``[..., len(widths)]``, or ``[..., len(widths) + 1]`` with ``total``.
     """
-    running = torch.nn.functional.pad(values.cumsum(-1), (1, 0))
-    offsets = torch.tensor([0, *itertools.accumulate(widths)], device=values.device)
-    return running.index_select(-1, offsets).diff(dim=-1)
+    segment = torch.repeat_interleave(torch.tensor(widths, device=values.device))
+    columns = [torch.nn.functional.one_hot(segment, len(widths))]
+    if total:
+        columns.append(torch.ones_like(segment).unsqueeze(1))
+    matrix = torch.cat(columns, dim=1).to(torch.float64)
+    return (values.to(torch.float64) @ matrix).to(torch.int64)
 
 
 def step_distances(patterns: Tensor, start: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_spacefold import find_layers, path_folding, register_activation
-from lightning_spacefold.capture import _MODULE_RULES, capture_activations
+from lightning_spacefold.capture import _MODULE_RULES, _SMOOTH, capture_activations
 
 
 class Mixed(nn.Module):
@@ -245,3 +245,17 @@ def test_with_known_layers_only_the_modules_around_functional_calls_are_hooked()
     with capture_activations(model, hook_counts):
         model(torch.randn(2, 2))
     assert hooked[-1] == {"": 1, "block": 1, "block.0": 1, "block.1": 1, "head": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_default_bits_are_z_greater_than_zero_in_every_dtype(dtype: torch.dtype) -> None:
+    # Zeros of both signs, the smallest subnormals (of float32 and float64), NaN, infinities and ordinary values;
+    # NumPy compares on CPU except in bfloat16, which it lacks.
+    values = [-0.0, 0.0, 1e-45, -1e-45, 5e-324, float("nan"), float("inf"), float("-inf"), 2.0, -3.0]
+    z = torch.tensor([values, values[::-1]], dtype=torch.float64).to(dtype)
+    expected = torch.tensor([[float(x) > 0 for x in row] for row in z.double().tolist()])
+    bits = _SMOOTH.bits(z)
+    assert bits.dtype == torch.bool
+    assert torch.equal(bits, expected)
+    assert torch.equal(_SMOOTH.bits(z.t()), expected.t())  # not contiguous
+    assert torch.equal(_SMOOTH.bits(z.requires_grad_()), expected)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_spacefold import fold_measure, path_folding, path_patterns
-from lightning_spacefold.capture import capture_activations, evaluation_mode
-from lightning_spacefold.folding import segment_points
+from lightning_spacefold.capture import LayerInfo, capture_activations, evaluation_mode
+from lightning_spacefold.folding import default_batch_size, segment_points, walk_layout, walk_passes
 
 
 def per_point_reference(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, steps: int):
@@ -334,3 +334,45 @@ def test_a_replaced_or_added_module_is_seen_by_the_next_measurement() -> None:
     model[1] = nn.Hardtanh()
     assert path_folding(model, starts, ends, steps=3).layer_names == ["1"]
     assert path_folding(model, starts, ends, exact=True).regions.tolist() == [2]  # b switches on at x = 1
+
+
+@pytest.mark.parametrize(
+    ("num_paths", "num_points", "batch_size", "num_words", "layout"),
+    [
+        # 64 paths of 65 points, 1,337 points a pass: 20 whole paths fit, balanced to 4 groups of 16; a chunk of
+        # 16,384 / 16 words = 1,024 points is smaller than a pass, so a chunk is a pass.
+        (64, 65, 1337, 16, (16, 65, 16, 65)),
+        # Few words: chunks of up to 8,192 points hold 126 paths, balanced to 2 chunks of 64, each in 2 passes of 32.
+        (128, 65, 2080, 2, (64, 65, 32, 65)),
+        # Paths longer than a chunk: chunks of 5,000 points (10,000 balanced), each in passes of 1,000.
+        (3, 10_000, 1000, 2, (1, 5000, 1, 1000)),
+        # Many words: a chunk is a pass, 1,001 points balanced to 11 of 91.
+        (2, 1001, 100, 1000, (1, 91, 1, 91)),
+    ],
+)
+def test_walk_layout_by_hand(
+    num_paths: int, num_points: int, batch_size: int, num_words: int, layout: tuple[int, int, int, int]
+) -> None:
+    assert tuple(walk_layout(num_paths, num_points, batch_size, num_words)) == layout
+
+
+def test_walk_passes_cover_a_chunk_once() -> None:
+    passes = list(walk_passes(5, 7, 2, 3))
+    assert passes[:2] == [(slice(0, 2), slice(0, 3)), (slice(0, 2), slice(3, 6))]
+    covered = torch.zeros(5, 7, dtype=torch.int64)
+    for paths, points in passes:
+        covered[paths, points] += 1
+    assert torch.equal(covered, torch.ones(5, 7, dtype=torch.int64))
+
+
+def test_default_batch_size_by_hand() -> None:
+    def layers(*units: int) -> list[LayerInfo]:
+        return [LayerInfo(str(index), "ReLU", count) for index, count in enumerate(units)]
+
+    mnist = torch.zeros(1, 1, 28, 28)
+    # The largest of the input and the activations: 784 float32 inputs are 3,136 bytes, 8 MiB hold 2,674 of them.
+    assert default_batch_size(layers(256, 256, 10), mnist) == 8 * 2**20 // (784 * 4)
+    assert default_batch_size(layers(16 * 28 * 28, 32 * 14 * 14), mnist) == 8 * 2**20 // (16 * 28 * 28 * 4)
+    assert default_batch_size(layers(2), torch.zeros(1, 2)) == 8192  # at most
+    assert default_batch_size(layers(10**6), mnist) == 64  # at least
+    assert default_batch_size(layers(10**6), mnist.double().to("meta")) == 512 * 2**20 // (10**6 * 8)  # accelerators

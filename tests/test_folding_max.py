@@ -13,12 +13,13 @@ from lightning_spacefold import (
     SpaceFolding,
     SpaceFoldingCallback,
     fold_measure,
+    folding,
     max_fold_measure,
     path_folding,
     path_patterns,
 )
 from lightning_spacefold.exact import _segment_cummax, _segment_cumsum
-from lightning_spacefold.measure import prefix_folding
+from lightning_spacefold.measure import prefix_folding, step_distances
 from tests.test_callback import trainer
 
 
@@ -131,18 +132,38 @@ def random_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(24, 5) * 3, torch.randn(24, 5) * 3
 
 
+@pytest.mark.parametrize("walk_words", [folding.WALK_WORDS, 0], ids=["passes-per-chunk", "a-chunk-a-pass"])
 @pytest.mark.parametrize("batch_size", [None, 7, 40])
-def test_streamed_chunks_equal_the_whole_walk(batch_size: int | None) -> None:
-    # batch_size 7 cuts each path into chunks of a few points, 40 groups two paths per pass.
+def test_streamed_chunks_equal_the_whole_walk(
+    batch_size: int | None, walk_words: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # batch_size 7 runs a few points of a path per pass, 40 half a path; by default the walk counts all passes in
+    # one chunk (its words are small), with walk_words=0 every pass is a chunk, streamed into the next.
+    monkeypatch.setattr(folding, "WALK_WORDS", walk_words)
+    counts = {"passes": 0, "chunks": 0}
+    end_chunk = folding._Walk.end_chunk
+
+    def counted_end_chunk(walk: folding._Walk, distances: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        counts["chunks"] += 1
+        return end_chunk(walk, distances)
+
+    monkeypatch.setattr(folding._Walk, "end_chunk", counted_end_chunk)
     model, starts, ends = random_mlp()
+    folding.discover_layers(model, starts, ends)  # its pass on two points is not one of the measurement's
+    model[0].register_forward_pre_hook(lambda *_: counts.update(passes=counts["passes"] + 1))
     result = path_folding(model, starts, ends, steps=50, batch_size=batch_size, return_distances=True)
+    assert counts["passes"] == {None: 1, 7: 24 * 8, 40: 24 * 2}[batch_size]
+    assert counts["chunks"] == (counts["passes"] if walk_words == 0 else 1)
     patterns = path_patterns(model, starts, ends, steps=50)
     assert bool((result.chi_max > result.chi).any())
     torch.testing.assert_close(result.chi_max, max_fold_measure(patterns), rtol=0, atol=0)
     layer_maxima = torch.stack([max_fold_measure(patterns[..., :16]), max_fold_measure(patterns[..., 16:])], 1)
     torch.testing.assert_close(result.layer_chi_max, layer_maxima, rtol=0, atol=0)
-    torch.testing.assert_close(result.walked[:, -1], result.r2, rtol=0, atol=0)
-    assert bool((result.walked.diff(dim=1) >= 0).all())
+    from_start, from_previous = step_distances(patterns, patterns[:, 0])
+    assert torch.equal(result.distances, from_start)
+    assert torch.equal(result.walked, from_previous.cumsum(1))
+    assert torch.equal(result.r1, from_start.amax(1))
+    assert torch.equal(result.layer_r2[:, 1], step_distances(patterns[..., 16:], patterns[:, 0, 16:])[1].sum(1))
 
 
 def test_exact_maximum_is_the_limit_of_dense_sampling() -> None:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_spacefold import fold_measure, fold_ranges, interaction_profile, symmetric_fold_measure
+from lightning_spacefold import fold_measure, fold_ranges, interaction_profile, measure, symmetric_fold_measure
 from lightning_spacefold.measure import pack_words, popcount, segment_sums, step_distances
+
+# NumPy packs and counts on CPU; the integer operations do it on accelerators: both run here.
+BY_NUMPY = pytest.mark.parametrize("by_numpy", [True, False], ids=["numpy", "integer-ops"])
+
+
+def packing_by(by_numpy: bool) -> mock._patch:
+    return mock.patch.object(measure, "_by_numpy", lambda _tensor: by_numpy)
 
 
 def walk(*patterns: str) -> torch.Tensor:
@@ -75,7 +84,13 @@ def test_step_distances_count_the_changed_units() -> None:
     assert torch.equal(from_previous[:, 1:], (bits[:, 1:] != bits[:, :-1]).sum(-1).int())
 
 
-def test_pack_words_puts_unit_j_at_bit_j_of_its_word() -> None:
+@BY_NUMPY
+def test_pack_words_puts_unit_j_at_bit_j_of_its_word(by_numpy: bool) -> None:
+    with packing_by(by_numpy):
+        check_pack_words()
+
+
+def check_pack_words() -> None:
     bits = torch.zeros(2, 70, dtype=torch.bool)
     bits[0, [0, 9]] = True  # 1 + 2**9
     bits[1, [63, 64, 69]] = True  # the sign bit of word 0; bits 0 and 5 of word 1
@@ -85,9 +100,13 @@ def test_pack_words_puts_unit_j_at_bit_j_of_its_word() -> None:
     assert torch.equal(pack_words(torch.cat([bits, bits], 1)[:, :70]), pack_words(bits))
 
 
-def test_popcount_of_words_by_hand() -> None:
+@BY_NUMPY
+def test_popcount_of_words_by_hand(by_numpy: bool) -> None:
     words = torch.tensor([0, -1, 0x5555555555555555, -(2**63), 255, 2**62 + 7])
-    assert popcount(words).tolist() == [0, 64, 32, 1, 8, 4]
+    with packing_by(by_numpy):
+        counts = popcount(words)
+    assert counts.dtype == torch.int64
+    assert counts.tolist() == [0, 64, 32, 1, 8, 4]
 
 
 def test_segment_sums_add_each_layers_words() -> None:
@@ -100,8 +119,10 @@ def test_segment_sums_add_each_layers_words() -> None:
 def test_packed_hamming_distances_equal_counted_units(num_units: int, rows: int) -> None:
     generator = torch.Generator().manual_seed(num_units * 7 + rows)
     first, second = (torch.rand(rows, num_units, generator=generator) > 0.5 for _ in range(2))
-    distances = popcount(pack_words(first) ^ pack_words(second)).sum(-1)
-    assert torch.equal(distances, (first != second).sum(-1))
+    for by_numpy in (True, False):
+        with packing_by(by_numpy):
+            distances = popcount(pack_words(first) ^ pack_words(second)).sum(-1)
+        assert torch.equal(distances, (first != second).sum(-1))
 
 
 def random_walks(max_points: int = 12, max_units: int = 10) -> st.SearchStrategy[torch.Tensor]:
