@@ -217,7 +217,7 @@ class _Walk:
         """Write one layer's packed words ``[pass points, words]`` into the chunk's block."""
         paths, points = self.block
         block = self.words[paths, points, self.offsets[position] : self.offsets[position + 1]]
-        block.copy_(words.view(block.shape))
+        block.copy_(words.reshape(block.shape))
 
     def end_chunk(self, distances: bool) -> tuple[Tensor, Tensor] | None:
         """Close the chunk: update the running values; return its distances from the start and lengths walked.
