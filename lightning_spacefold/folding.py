@@ -55,6 +55,9 @@ CPU_BATCH_BYTES = 8 * 2**20
 """The largest activation (or input) of a forward pass on CPU, at most. Passes of 16 MiB ran the benchmark MLP's matrix
 products 30% slower and raised the peak memory by tens of MiB; passes of 4 MiB cut small-input CNNs (ResNet-18 at
 32x32) into passes of one path, 1.3x slower."""
+COMPILED_BATCH_BYTES = 16 * 2**20
+"""The same with ``compile=True`` on CPU: a compiled pass fuses its elementwise passes into the forward, and each call
+checks the compiled code's guards, which cost ResNet-18 at 32x32 1.15x its eager time in passes of 8 MiB."""
 ACCELERATOR_BATCH_BYTES = 512 * 2**20
 """The same on accelerators."""
 WALK_WORDS = 2**14
@@ -248,21 +251,26 @@ class _Walk:
         return None if walked is None else (from_start[:, -1], walked)
 
 
-def default_batch_size(layers: list[LayerInfo], inputs: Tensor) -> int:
+def default_batch_size(layers: list[LayerInfo], inputs: Tensor, compiled: bool = False) -> int:
     """Points per forward pass such that the largest activation of a batch stays within a cache-friendly budget.
 
-    The budget is 8 MiB on CPU (:data:`CPU_BATCH_BYTES`: larger batches run slower there and take more memory) and
-    512 MiB on accelerators; the result lies between 64 and 8192 points.
+    The budget is 8 MiB on CPU (:data:`CPU_BATCH_BYTES`: larger batches run slower there and take more memory), 16 MiB
+    for compiled passes on CPU (:data:`COMPILED_BATCH_BYTES`) and 512 MiB on accelerators; the result lies between 64
+    and 8192 points.
 
     Args:
         layers: The model's activation layers (:func:`~lightning_spacefold.find_layers`).
         inputs: Example inputs ``[B, *input_shape]`` on the device and in the dtype of the measurement.
+        compiled: Whether the passes run compiled (``compile=True``).
 
     Returns:
         The number of points per forward pass.
     """
     per_point = max([inputs[0].numel(), *(layer.num_units for layer in layers)]) * inputs.element_size()
-    budget = CPU_BATCH_BYTES if inputs.device.type == "cpu" else ACCELERATOR_BATCH_BYTES
+    if inputs.device.type != "cpu":
+        budget = ACCELERATOR_BATCH_BYTES
+    else:
+        budget = COMPILED_BATCH_BYTES if compiled else CPU_BATCH_BYTES
     return int(min(MAX_BATCH_SIZE, max(MIN_BATCH_SIZE, budget // per_point)))
 
 
@@ -400,7 +408,7 @@ def _sampled_folding(
     names = [found[index].name for index in selected]
     num_paths, num_points = len(starts), steps + 1
     widths = [math.ceil(found[index].num_units / 64) for index in selected]
-    batch_size = default_batch_size(found, starts) if batch_size is None else batch_size
+    batch_size = default_batch_size(found, starts, compile) if batch_size is None else batch_size
     group_size, chunk_size, pass_paths, pass_points = walk_layout(num_paths, num_points, batch_size, sum(widths))
     t = torch.arange(num_points, dtype=torch.float64, device=starts.device) / steps
     run = model if forward is None else forward

@@ -15,8 +15,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import lightning_spacefold.callback as callback_module
 import lightning_spacefold.compiled as compiled
 from lightning_spacefold import SpaceFoldingCallback, path_folding, path_patterns, register_activation
+from lightning_spacefold.capture import LayerInfo
 from lightning_spacefold.compiled import pack_bits
 from lightning_spacefold.finite import NonFiniteError
 from lightning_spacefold.measure import pack_words
@@ -207,14 +209,25 @@ def test_the_cache_does_not_keep_the_model_alive(backend: Counting) -> None:
     assert alive() is None
 
 
-def test_callback_compiles_once_over_its_measurements(tmp_path: Path, backend: Counting) -> None:
+def test_callback_compiles_once_over_its_measurements(
+    tmp_path: Path, backend: Counting, monkeypatch: pytest.MonkeyPatch
+) -> None:
     torch.manual_seed(0)
+    budgets: list[bool] = []
+    default_batch_size = callback_module.default_batch_size
+
+    def recorded(layers: list[LayerInfo], inputs: torch.Tensor, compiled: bool = False) -> int:
+        budgets.append(compiled)
+        return default_batch_size(layers, inputs, compiled)
+
+    monkeypatch.setattr(callback_module, "default_batch_size", recorded)
     callback = SpaceFoldingCallback(
         every_n_train_steps=2, num_pairs=9, steps=16, probe_size=30, pairing="random", log_figures=False, compile=True
     )
     model = Classifier()
     trainer(tmp_path, callback, max_steps=4).fit(model, datamodule=Blobs())
     assert callback.latest_step == 4 and backend.graphs == 1  # measured at steps 0, 2 and 4
+    assert budgets == [True]  # the passes sized for compiled code
     pairs = callback._drawn
     assert torch.equal(callback.latest_result.chi, path_folding(model, pairs.starts, pairs.ends, steps=16).chi)
 

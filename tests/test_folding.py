@@ -372,6 +372,7 @@ def test_default_batch_size_by_hand() -> None:
     mnist = torch.zeros(1, 1, 28, 28)
     # The largest of the input and the activations: 784 float32 inputs are 3,136 bytes, 8 MiB hold 2,674 of them.
     assert default_batch_size(layers(256, 256, 10), mnist) == 8 * 2**20 // (784 * 4)
+    assert default_batch_size(layers(256, 256, 10), mnist, compiled=True) == 16 * 2**20 // (784 * 4)
     assert default_batch_size(layers(16 * 28 * 28, 32 * 14 * 14), mnist) == 8 * 2**20 // (16 * 28 * 28 * 4)
     assert default_batch_size(layers(2), torch.zeros(1, 2)) == 8192  # at most
     assert default_batch_size(layers(10**6), mnist) == 64  # at least
