@@ -129,7 +129,12 @@ def popcount(words: Tensor) -> Tensor:
     """Number of set bits of each ``int64`` word, ``[...]`` to ``int64 [...]``.
 
     On CPU by NumPy's ``bitwise_count``; elsewhere in a few integer operations (SWAR).
+
+    Raises:
+        TypeError: If ``words`` is not ``int64`` (the words of :func:`pack_words`).
     """
+    if words.dtype != torch.int64:
+        raise TypeError(f"`words` must be int64 words (pack_words), got {words.dtype}.")
     if _by_numpy(words):
         # Unsigned: NumPy counts the bits of a signed integer's absolute value.
         return torch.from_numpy(np.bitwise_count(words.numpy().view(np.uint64))).to(torch.int64)
@@ -154,7 +159,8 @@ def _popcount_swar(words: Tensor) -> Tensor:
 def segment_sums(values: Tensor, widths: Sequence[int], *, total: bool = False) -> Tensor:
     """Sums of consecutive segments of the last dimension: one count per layer of a concatenated pattern.
 
-    One matrix product with a 0/1 matrix (in float64, exact for any count below 2**53).
+    One matrix product with a 0/1 matrix, in float64 (exact for sums below 2**53); on Apple's MPS, which has no
+    float64, in float32 (exact for sums below 2**24).
 
     Args:
         values: Integer tensor ``[..., W]`` (e.g. :func:`popcount` of packed words).
@@ -168,8 +174,9 @@ def segment_sums(values: Tensor, widths: Sequence[int], *, total: bool = False) 
     columns = [torch.nn.functional.one_hot(segment, len(widths))]
     if total:
         columns.append(torch.ones_like(segment).unsqueeze(1))
-    matrix = torch.cat(columns, dim=1).to(torch.float64)
-    return (values.to(torch.float64) @ matrix).to(torch.int64)
+    dtype = torch.float32 if values.device.type == "mps" else torch.float64
+    matrix = torch.cat(columns, dim=1).to(dtype)
+    return (values.to(dtype) @ matrix).to(torch.int64)
 
 
 def step_distances(patterns: Tensor, start: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -107,6 +107,8 @@ def test_popcount_of_words_by_hand(by_numpy: bool) -> None:
         counts = popcount(words)
     assert counts.dtype == torch.int64
     assert counts.tolist() == [0, 64, 32, 1, 8, 4]
+    with pytest.raises(TypeError, match="int64 words"):
+        popcount(words.int())  # NumPy's view as uint64 would pair its words silently
 
 
 def test_segment_sums_add_each_layers_words() -> None:
