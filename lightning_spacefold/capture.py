@@ -27,11 +27,12 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+from lightning_spacefold.measure import greater_than_zero
 
 __all__ = [
     "ActivationRule",
@@ -47,21 +48,6 @@ __all__ = [
 ]
 
 
-def _positive(pre_activation: Tensor) -> Tensor:
-    """``z > 0``; by NumPy on CPU, where it takes a third of torch's time (a vectorised float comparison)."""
-    if (
-        type(pre_activation) is Tensor
-        and pre_activation.device.type == "cpu"
-        and pre_activation.dtype in _NUMPY_FLOATS
-        and not torch.compiler.is_compiling()  # a compiled graph fuses torch's comparison
-    ):
-        return torch.from_numpy(np.greater(pre_activation.detach().numpy(), 0))
-    return pre_activation > 0
-
-
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)  # bfloat16 has no NumPy dtype
-
-
 @dataclass(frozen=True)
 class ActivationRule:
     """How one activation call turns its pre-activation ``z`` into bits, and where it bends.
@@ -74,7 +60,7 @@ class ActivationRule:
             for ReLU, ``(0.0, 6.0)`` for ReLU6); ``None`` for a smooth one. Exact traversal needs them.
     """
 
-    bits: Callable[[Tensor], Tensor] = _positive
+    bits: Callable[[Tensor], Tensor] = greater_than_zero
     kinks: tuple[float, ...] | None = None
 
 
@@ -172,7 +158,7 @@ def register_activation(
         isinstance(kinks, tuple) and all(isinstance(k, (int, float)) and not isinstance(k, bool) for k in kinks)
     ):
         raise TypeError(f"`kinks` must be None or a tuple of numbers, got {kinks!r}.")
-    rule = ActivationRule(bits or _positive, None if kinks is None else tuple(float(k) for k in kinks))
+    rule = ActivationRule(bits or greater_than_zero, None if kinks is None else tuple(float(k) for k in kinks))
     _MODULE_RULES[module_type] = _constant(rule)
 
 

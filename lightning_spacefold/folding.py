@@ -179,13 +179,14 @@ class _Walk:
         chunk_shape: tuple[int, int],
         device: torch.device,
         finite: FiniteCheck,
+        num_points: int | None = None,
     ) -> None:
         self.names, self.widths = names, widths
         self.offsets = [0, *itertools.accumulate(widths)]  # each layer's first word
         self.num_paths = 0  # of the current group
         self.rows = slice(0, 0)  # the current group's paths
+        self.chunk = slice(0, 0)  # the current chunk's points
         self.block = (slice(0, 0), slice(0, 0))  # the current pass's paths and points within the chunk
-        self.pass_rows = 0
         # Per path, each layer and then the whole network (the last column): range, length and maximal folding.
         self.ranges = torch.zeros(num_paths, len(names) + 1, dtype=torch.int64, device=device)
         self.lengths = torch.zeros_like(self.ranges)
@@ -197,22 +198,31 @@ class _Walk:
         self.previous = torch.zeros_like(self.start)
         self.opens = True  # the next chunk opens the group's paths
         self.finite = finite
+        # With ``num_points``, every point's distance from its path's start and length walked, [P, num_points] each,
+        # written chunk by chunk.
+        self.distances = self.walked = None
+        if num_points is not None:
+            self.distances = torch.zeros(num_paths, num_points, dtype=torch.int64, device=device)
+            self.walked = torch.zeros_like(self.distances)
 
     def begin_group(self, rows: slice, num_paths: int) -> None:
         """Walk the paths ``rows`` (``num_paths`` of them) from their start."""
         self.rows, self.num_paths, self.opens = rows, num_paths, True
 
-    def begin_chunk(self, num_points: int) -> None:
-        """Take the next ``num_points`` points of the group's paths."""
-        self.words = self.buffer[: self.num_paths, :num_points]
+    def begin_chunk(self, chunk: slice) -> None:
+        """Take the points ``chunk`` (within bounds) of the group's paths."""
+        self.chunk = chunk
+        self.words = self.buffer[: self.num_paths, : chunk.stop - chunk.start]
 
     def begin_pass(self, paths: slice, points: slice) -> None:
         """Run the chunk's paths ``paths`` at its points ``points`` (both within bounds) in the next forward pass."""
         self.block = (paths, points)
-        self.pass_rows = (paths.stop - paths.start) * (points.stop - points.start)
 
     def add_layer(self, position: int, pre_activation: Tensor, rule: ActivationRule) -> None:
-        check_batch_first(self.names[position], pre_activation, self.pass_rows)
+        paths, points = self.block
+        check_batch_first(
+            self.names[position], pre_activation, (paths.stop - paths.start) * (points.stop - points.start)
+        )
         self.finite.add(pre_activation)
         self.add_words(position, pack_words(rule.bits(pre_activation).reshape(len(pre_activation), -1)))
 
@@ -222,12 +232,8 @@ class _Walk:
         block = self.words[paths, points, self.offsets[position] : self.offsets[position + 1]]
         block.copy_(words.reshape(block.shape))
 
-    def end_chunk(self, distances: bool) -> tuple[Tensor, Tensor] | None:
-        """Close the chunk: update the running values; return its distances from the start and lengths walked.
-
-        Args:
-            distances: Whether to return them (``None`` otherwise).
-        """
+    def end_chunk(self) -> None:
+        """Close the chunk: update the running values (and the points' distances and lengths walked)."""
         words = self.words
         start, previous = self.start[: self.num_paths], self.previous[: self.num_paths]
         if self.opens:
@@ -245,10 +251,11 @@ class _Walk:
         from_start, from_previous = segment_sums(popcount(changed), self.widths, total=True).transpose(-1, -2)
         ranges, lengths, maxima = self.ranges[self.rows], self.lengths[self.rows], self.maxima[self.rows]
         torch.maximum(maxima, prefix_folding(from_start, from_previous, ranges, lengths).amax(-1), out=maxima)
-        walked = from_previous[:, -1].cumsum(-1) + lengths[:, -1:] if distances else None
+        if self.distances is not None and self.walked is not None:
+            self.distances[self.rows, self.chunk] = from_start[:, -1]
+            self.walked[self.rows, self.chunk] = from_previous[:, -1].cumsum(-1) + lengths[:, -1:]
         torch.maximum(ranges, from_start.amax(-1), out=ranges)
         lengths += from_previous.sum(-1)
-        return None if walked is None else (from_start[:, -1], walked)
 
 
 def default_batch_size(layers: list[LayerInfo], inputs: Tensor, compiled: bool = False) -> int:
@@ -413,12 +420,15 @@ def _sampled_folding(
     t = torch.arange(num_points, dtype=torch.float64, device=starts.device) / steps
     run = model if forward is None else forward
     finite = FiniteCheck(names)
-    walk = _Walk(names, widths, num_paths, (group_size, chunk_size), starts.device, finite)
-    # Written in place, chunk by chunk: [P, steps + 1] each.
-    distances = (
-        torch.zeros(num_paths, num_points, dtype=torch.int64, device=starts.device) if return_distances else None
+    walk = _Walk(
+        names,
+        widths,
+        num_paths,
+        (group_size, chunk_size),
+        starts.device,
+        finite,
+        num_points if return_distances else None,
     )
-    walked = torch.zeros_like(distances) if distances is not None else None
     with evaluation_mode(model), ExitStack() as eager:
         shape = (pass_paths, pass_points)
         step = (
@@ -437,7 +447,7 @@ def _sampled_folding(
             walk.begin_group(group, group.stop - group.start)
             for begin in range(0, num_points, chunk_size):
                 chunk = slice(begin, min(begin + chunk_size, num_points))
-                walk.begin_chunk(chunk.stop - chunk.start)
+                walk.begin_chunk(chunk)
                 group_starts, group_ends, chunk_t = starts[group], ends[group], t[chunk]
                 for paths, points in walk_passes(len(group_starts), len(chunk_t), pass_paths, pass_points):
                     walk.begin_pass(paths, points)
@@ -453,9 +463,7 @@ def _sampled_folding(
                         for position, words in enumerate(layer_words):
                             walk.add_words(position, words)
                     finite.end_pass(output)
-                chunk_values = walk.end_chunk(distances is not None)
-                if distances is not None and walked is not None and chunk_values is not None:
-                    distances[group, chunk], walked[group, chunk] = chunk_values
+                walk.end_chunk()
     finite.check()
 
     # Each its own tensor: results are handed out and may be changed in place.
@@ -473,8 +481,8 @@ def _sampled_folding(
         steps=steps,
         chi_max=walk.maxima[:, -1].contiguous(),
         layer_chi_max=walk.maxima[:, :-1].contiguous(),
-        distances=distances,
-        walked=walked,
+        distances=walk.distances,
+        walked=walk.walked,
     )
 
 

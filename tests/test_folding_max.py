@@ -143,9 +143,9 @@ def test_streamed_chunks_equal_the_whole_walk(
     counts = {"passes": 0, "chunks": 0}
     end_chunk = folding._Walk.end_chunk
 
-    def counted_end_chunk(walk: folding._Walk, distances: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def counted_end_chunk(walk: folding._Walk) -> None:
         counts["chunks"] += 1
-        return end_chunk(walk, distances)
+        end_chunk(walk)
 
     monkeypatch.setattr(folding._Walk, "end_chunk", counted_end_chunk)
     model, starts, ends = random_mlp()
