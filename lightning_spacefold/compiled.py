@@ -7,14 +7,20 @@ the model) and reused by every later measurement of the same shapes, as a traini
 
 The step runs the forward pass with capture hooks that are created once per step (so that re-registering them
 for each call does not recompile) and take each pre-activation's bits, packed, and its sum at the moment of the call
-(an in-place activation changes its input afterwards), all in one graph. The first affine map is evaluated at the
-segments' ends (:mod:`~lightning_spacefold.line`) when it is an ``nn.Linear`` or an ``nn.Conv1d/2d/3d`` module (zero
-padding) that receives the points, as an eager probe on one path shows. The last, smaller chunk of a measurement is
-padded to the step's shape (repeated paths and parameters whose results are dropped), so it compiles once; a model
-with batch statistics in eval mode (BatchNorm without running statistics) is not padded and compiles a second shape.
+(an in-place activation changes its input afterwards), all in one graph. Forward pre-hooks see the activation modules
+and the activations written as a module around a functional call (timm's ``GELU``, Hugging Face's
+``GELUActivation``); a ``TorchFunctionMode`` that dynamo traces sees bare functional calls (``F.relu`` in
+``nn.TransformerEncoderLayer``). An eager probe on one path checks that the step sees the very tensors that eager
+capture sees, with the same rules, and shows where the first affine map is evaluated at the segments' ends
+(:mod:`~lightning_spacefold.line`): when it is an ``nn.Linear`` or an ``nn.Conv1d/2d/3d`` module (zero padding) that
+receives the points. The last, smaller chunk of a measurement is padded to the step's shape (repeated paths and
+parameters whose results are dropped), so it compiles once; a model with batch statistics in eval mode (BatchNorm
+without running statistics) is not padded and compiles a second shape.
 
-Measured eagerly instead, with one warning per model: models with functional activations (``F.relu``) or
-declared SwiGLU units among their layers, and any model whose compilation fails (the failure is remembered).
+Measured eagerly instead, with one warning per model: models with declared SwiGLU units among their layers, models
+with a layer whose pre-activation the step does not see (a module named like an activation whose functional call
+takes another tensor than the module's input, as Hugging Face's ``NewGELUActivation`` calls ``torch.tanh``), and any
+model whose compilation fails (the failure is remembered).
 """
 
 from __future__ import annotations
@@ -22,20 +28,24 @@ from __future__ import annotations
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_spacefold.capture import (
+    _FUNCTION_LOOKUP,
     ActivationRule,
     LayerInfo,
     LayersChangedError,
-    _module_rule,
     _without_wrappers,
     activation_modules,
+    capture_activations,
+    has_functional_layers,
 )
 from lightning_spacefold.finite import FiniteCheck, finite_sum, output_sum
 from lightning_spacefold.line import LineShortcut, Segments, segment_points
@@ -69,6 +79,69 @@ def pack_bits(bits: Tensor) -> Tensor:
     return (bits.to(torch.int64) * weights).sum(-1)
 
 
+class _Recorder(TorchFunctionMode):
+    """Hands each layer's pre-activation to ``take`` in call order, as the compiled step sees the layers.
+
+    Forward pre-hooks see the calls of activation modules and of activations written as a module around a functional
+    call (``F.gelu in GELU``: the module's input is the function's). This mode, entered only where the layers include
+    bare functional calls (``F.relu`` in ``nn.TransformerEncoderLayer``), sees those: the calls of
+    :data:`~lightning_spacefold.capture._FUNCTION_LOOKUP` outside the hooked modules, whose own calls belong to them.
+    """
+
+    def __init__(self, take: Callable[[Tensor], None]) -> None:
+        super().__init__()
+        self.take = take
+        self.depth = 0  # hooked module calls in progress
+        # Created once: the same hook objects at every call do not recompile.
+        self.enter, self.leave, self.take_input = self._enter, self._leave, self._take_input
+
+    def _take_input(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.take(args[0])
+
+    def _enter(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.depth += 1
+        # Outside this mode: dynamo breaks the graph at a Tensor method written in Python (``unflatten``) called
+        # through a mode.
+        with torch._C.DisableTorchFunction():
+            self.take(args[0])
+
+    def _leave(self, _module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
+        self.depth -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth == 0 and func in _FUNCTION_LOOKUP:
+            self.take(args[0] if args else kwargs["input"])
+        return func(*args, **kwargs)
+
+    @contextmanager
+    def hooked(self, modules: list[nn.Module], owners: list[nn.Module]) -> Iterator[None]:
+        """Hook ``modules``, whose calls are layers, and ``owners``, the modules that make the bare functional calls.
+
+        The owners are hooked as eager capture hooks them: a hooked ``nn.TransformerEncoderLayer`` leaves its fused
+        fast path (``torch._transformer_encoder_layer_fwd``) for the code that calls its activation. Without bare calls
+        the mode is not entered, and the modules' pre-hooks alone take their inputs: forward hooks that count the
+        depth made compiled ResNet-18 1.15x slower.
+        """
+        if not owners:
+            handles = [module.register_forward_pre_hook(self.take_input) for module in modules]
+        else:
+            handles = [module.register_forward_pre_hook(self.enter) for module in modules]
+            # Not always_call (dynamo guards on those hooks' ids: a recompilation per call); an error resets the depth.
+            handles += [module.register_forward_hook(self.leave) for module in modules]
+            handles += [module.register_forward_pre_hook(_no_hook) for module in owners]
+        try:
+            yield
+        finally:
+            self.depth = 0
+            for handle in handles:
+                handle.remove()
+
+
+def _no_hook(_module: nn.Module, _args: tuple[Any, ...]) -> None:
+    pass
+
+
 class _Line(Segments):
     """A chunk's segments as :meth:`Segments.affine` reads them, made inside the compiled step (without points)."""
 
@@ -83,7 +156,8 @@ class CompiledStep:
     function) is an argument of the compiled function.
 
     Args:
-        hooked: Qualified names of the activation modules whose calls are the layers.
+        hooked: Qualified names of the modules whose calls are layers (see :class:`_Recorder`).
+        owners: Qualified names of the modules that make the bare functional calls among the layers.
         selected: Positions of the measured layers among the calls.
         rules: The rule of each call (of every layer, measured or not).
         affine: Name of the module whose forward is evaluated at the segments' ends, or ``None``.
@@ -95,6 +169,7 @@ class CompiledStep:
     def __init__(
         self,
         hooked: list[str],
+        owners: list[str],
         selected: list[int],
         rules: list[ActivationRule],
         affine: str | None,
@@ -102,21 +177,20 @@ class CompiledStep:
         shape: tuple[int, int] | None,
         patterns: bool,
     ) -> None:
-        self.hooked, self.selected, self.rules, self.affine = hooked, selected, rules, affine
+        self.hooked, self.owners, self.selected, self.rules, self.affine = hooked, owners, selected, rules, affine
         self.dtype, self.shape, self.patterns = dtype, shape, patterns
         # Each call's (sum, bits) in the pass; empty between calls (dynamo guards on its length).
         self.calls: list[tuple[Tensor, Tensor]] = []
         self.line: _Line | None = None  # the chunk's segments, during the pass
         self.module: nn.Module | None = None  # the affine module, during a call
-        # Created once: the same hook and forward objects at every call do not recompile.
-        self.record, self.forward = self._record, self._affine_forward
+        # Created once: the same hook, mode and forward objects at every call do not recompile.
+        self.recorder, self.forward = _Recorder(self._record), self._affine_forward
         # A code object of its own: dynamo's recompile limit counts per code object, so that steps of other models
         # and shapes do not use up one another's.
         step = types.FunctionType(CompiledStep._step.__code__.replace(), globals(), "_step")
         self.compiled = torch.compile(types.MethodType(step, self), backend=BACKEND, dynamic=False)
 
-    def _record(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
-        z = args[0]
+    def _record(self, z: Tensor) -> None:
         bits = self.rules[len(self.calls)].bits(z).reshape(len(z), -1)
         # Packed in the same loop: inductor writes a boolean tensor an order of magnitude slower than int64 words.
         self.calls.append((finite_sum(z), bits if self.patterns else pack_bits(bits)))
@@ -130,7 +204,8 @@ class CompiledStep:
     def _step(self, run: Callable[[Tensor], Any], starts: Tensor, ends: Tensor, t: Tensor) -> Any:
         compute_dtype = torch.promote_types(starts.dtype, torch.float32)
         self.line = _Line(starts.to(compute_dtype), ends.to(compute_dtype), t, starts.dtype)
-        output = run(segment_points(starts, ends, t))
+        with self.recorder if self.owners else nullcontext():
+            output = run(segment_points(starts, ends, t))
         self.line = None
         layer_sums, bits = zip(*(self.calls[position] for position in self.selected), strict=True)
         last = output_sum(output)
@@ -156,13 +231,14 @@ class CompiledStep:
         if self.shape is not None:
             starts, ends, t = _padded(starts, self.shape[0]), _padded(ends, self.shape[0]), _padded(t, self.shape[1])
         modules = _named_modules(model)
-        handles = [modules[name].register_forward_pre_hook(self.record) for name in self.hooked]
         affine = None if self.affine is None else modules[self.affine]
         own_forward = None if affine is None else affine.__dict__.get("forward")
+        hooked = [modules[name] for name in self.hooked], [modules[name] for name in self.owners]
         try:
             if affine is not None:
                 self.module, affine.forward = affine, self.forward
-            sums, values = self.compiled(run, starts, ends, t)
+            with self.recorder.hooked(*hooked):
+                sums, values = self.compiled(run, starts, ends, t)
         finally:
             self.calls.clear()
             self.line = self.module = None
@@ -170,8 +246,6 @@ class CompiledStep:
                 del affine.forward
                 if own_forward is not None:
                     affine.forward = own_forward
-            for handle in handles:
-                handle.remove()
         for layer_sum in sums[:-1]:
             finite.add(layer_sum)
         finite.dtype = self.dtype
@@ -242,13 +316,9 @@ def compiled_step(
     entry = _STEPS.setdefault(model, _ModelSteps())
     if entry.eager:
         return None
-    unsupported = [layer.name for layer in found if layer.activation.startswith("F.") or layer.activation == "SwiGLU"]
+    unsupported = [layer.name for layer in found if layer.activation == "SwiGLU"]
     if unsupported:
-        _eager(
-            entry,
-            f"compile=True measures activation modules only; layer(s) {unsupported[:3]} are functional activations or "
-            "SwiGLU units. Measuring eagerly (same results).",
-        )
+        _eager(entry, f"layer(s) {unsupported[:3]} are SwiGLU units. Measuring eagerly (same results).")
         return None
     device = starts.device
     autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
@@ -267,19 +337,36 @@ def compiled_step(
     if step is not None:
         return step
     modules = _named_modules(model)
-    hooked = list(dict.fromkeys(layer.module for layer in found))
-    for layer in found:
-        module = modules.get(layer.module)
-        if module is None or _module_rule(module) is None or type(module).__name__ != layer.activation:
-            raise LayersChangedError(f"The activation module {layer.module!r} changed since its layers were found.")
-    affine, dtypes = _probe(model, run, [modules[name] for name in hooked], starts[:1], ends[:1], len(found))
-    rules = [_rule(modules[layer.module]) for layer in found]
+    missing = [layer.module for layer in found if layer.module not in modules]
+    if missing:
+        raise LayersChangedError(f"The module {missing[0]!r} is gone since the layers were found.")
+    bare = [layer.activation.startswith("F.") and " in " not in layer.activation for layer in found]
+    hooked = list(dict.fromkeys(layer.module for layer, call in zip(found, bare, strict=True) if not call))
+    owners = list(dict.fromkeys(layer.module for layer, call in zip(found, bare, strict=True) if call))
+    probe = _probe(
+        model, run, found, [modules[name] for name in hooked], [modules[name] for name in owners], starts[:1], ends[:1]
+    )
+    if probe.unseen is not None:
+        _eager(
+            entry,
+            f"the compiled step does not see the pre-activation of layer {probe.unseen!r} (a functional call on "
+            "another tensor than its module's input, or several calls in one module). Measuring eagerly (same "
+            "results).",
+        )
+        return None
     batch_statistics = any(
         isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None
         for module in model.modules()
     )
     step = CompiledStep(
-        hooked, list(selected), rules, affine, dtypes[selected[-1]], None if batch_statistics else shape, patterns
+        hooked,
+        owners,
+        list(selected),
+        probe.rules,
+        probe.affine,
+        probe.dtypes[selected[-1]],
+        None if batch_statistics else shape,
+        patterns,
     )
     try:
         step(model, run, starts[: shape[0]], ends[: shape[0]], t[: shape[1]], FiniteCheck([]))  # compiles
@@ -305,33 +392,49 @@ def _eager(entry: _ModelSteps, reason: str) -> None:
     warnings.warn(f"compile=True: {reason}", stacklevel=4)
 
 
-def _rule(module: nn.Module) -> ActivationRule:
-    rule = _module_rule(module)
-    assert rule is not None
-    return rule(module)
+class _Probe(NamedTuple):
+    """What one eager pass shows the compiled step."""
+
+    affine: str | None
+    """The affine module that takes the shortcut, or ``None``."""
+    rules: list[ActivationRule]
+    """Each layer's rule, as eager capture takes it."""
+    dtypes: list[torch.dtype]
+    """Each layer's pre-activation dtype."""
+    unseen: str | None
+    """The first layer whose pre-activation the step's :class:`_Recorder` does not see, or ``None``."""
 
 
 def _probe(
     model: nn.Module,
     run: Callable[[Tensor], Any],
+    found: Sequence[LayerInfo],
     hooked: list[nn.Module],
+    owners: list[nn.Module],
     start: Tensor,
     end: Tensor,
-    num_layers: int,
-) -> tuple[str | None, list[torch.dtype]]:
-    """One eager pass on a path's two ends: the affine module that takes the shortcut, and the layers' dtypes.
+) -> _Probe:
+    """One eager pass on a path's two ends, captured as eager measurement captures it and seen as the step sees it.
 
     Raises:
-        LayersChangedError: When the hooked modules ran another number of times than there are layers.
+        LayersChangedError: When the capture saw other layers than ``found``.
     """
-    pre: list[Tensor] = []
+    seen: list[Tensor] = []
     calls: dict[nn.Module, list[int]] = {}  # shortcuts taken before and after each call of an affine module
     candidates = [
         module
         for module in model.modules()
         if type(module) in _AFFINE_MODULES and getattr(module, "padding_mode", "zeros") == "zeros"
     ]
-    with LineShortcut() as line:
+    recorder = _Recorder(seen.append)
+    with (
+        LineShortcut() as line,
+        capture_activations(
+            model, lambda _position, z, rule: (z, rule), functional=has_functional_layers(found), expected=found
+        ) as capture,
+        recorder.hooked(hooked, owners),
+        recorder if owners else nullcontext(),
+    ):
 
         def before(module: nn.Module, _args: Any) -> None:
             calls.setdefault(module, []).append(line.shortcuts)
@@ -339,8 +442,7 @@ def _probe(
         def after(module: nn.Module, _args: Any, _output: Any) -> None:
             calls[module].append(line.shortcuts)
 
-        handles = [module.register_forward_pre_hook(lambda _module, args: pre.append(args[0])) for module in hooked]
-        handles += [module.register_forward_pre_hook(before) for module in candidates]
+        handles = [module.register_forward_pre_hook(before) for module in candidates]
         handles += [module.register_forward_hook(after) for module in candidates]
         try:
             run(line.points(start, end, torch.tensor([0.0, 1.0], dtype=torch.float64, device=start.device)))
@@ -348,9 +450,12 @@ def _probe(
         finally:
             for handle in handles:
                 handle.remove()
-    if len(pre) != num_layers:
-        raise LayersChangedError(f"The model ran {len(pre)} activation module calls; {num_layers} layers were found.")
+    capture.check_pass()
+    pre, rules = [z for z, _ in capture.values], [rule for _, rule in capture.values]
+    # The step must see the very tensors that the capture saw, in the same order.
+    differ = [z is not s for z, s in zip(pre, seen, strict=False)] + [len(seen) != len(pre)]
+    unseen = found[min(differ.index(True), len(found) - 1)].name if any(differ) else None
     names = {module: name for name, module in _named_modules(model).items()}
     # The one module, called once, during whose call the shortcut was taken.
     affine = [names[module] for module, counts in calls.items() if counts == [0, 1]]
-    return (affine[0] if affine else None), [z.dtype for z in pre]
+    return _Probe(affine[0] if affine else None, rules, [z.dtype for z in pre], unseen)

@@ -1,7 +1,7 @@
 """compile=True: the same results as eager measurement, compiled once per model and shape, eager when it cannot be.
 
 The plumbing is tested with a counting backend that runs the traced graph as it is (no code generation); one test
-compiles a tiny MLP with the default inductor backend.
+compiles tiny MLPs with the default inductor backend (activation modules; functional calls, wrapped and bare).
 """
 
 from __future__ import annotations
@@ -13,16 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lightning_spacefold.callback as callback_module
 import lightning_spacefold.compiled as compiled
-from lightning_spacefold import SpaceFoldingCallback, path_folding, path_patterns, register_activation
+from lightning_spacefold import (
+    SpaceFoldingCallback,
+    path_folding,
+    path_patterns,
+    register_activation,
+    register_swiglu,
+)
 from lightning_spacefold.capture import LayerInfo
 from lightning_spacefold.compiled import pack_bits
 from lightning_spacefold.finite import NonFiniteError
 from lightning_spacefold.measure import pack_words
 from tests.test_callback import Blobs, Classifier, trainer
+from tests.test_capture import Mixed
 
 FIELDS = ("chi", "r1", "r2", "layer_chi", "layer_r1", "layer_r2", "chi_max", "layer_chi_max", "distances", "walked")
 
@@ -138,17 +146,90 @@ def test_non_finite_values_are_reported(backend: Counting) -> None:
         path_folding(model, starts, ends, steps=8, compile=True)
 
 
-def test_functional_activations_are_measured_eagerly_with_one_warning(backend: Counting) -> None:
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.hidden, self.out = nn.Linear(12, 9), nn.Linear(9, 2)
+class GELU(nn.Module):
+    """An activation written as a module around a functional call, as timm's (ConvNeXt) and Hugging Face's."""
 
-        def forward(self, x: Tensor) -> Tensor:
-            return self.out(torch.relu(self.hidden(x.flatten(1))))
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(x)
 
-    model, (starts, ends) = Functional(), segments()
-    with pytest.warns(UserWarning, match="functional activations"):
+
+class ClipActivation(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.hardtanh(x, -2.0, 2.0)
+
+
+class ShiftedTanhActivation(nn.Module):
+    """An activation-like module whose functional call does not take its input: the step cannot hook it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x - 1)
+
+
+def wrapped() -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 9), GELU(), nn.Linear(9, 6), ClipActivation(), nn.Linear(6, 2))
+    return model, *segments()
+
+
+def transformer() -> tuple[nn.Module, Tensor, Tensor]:
+    """``F.relu`` called bare by each ``nn.TransformerEncoderLayer`` (on its slow path, which eager capture takes)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=4, nhead=2, dim_feedforward=6, batch_first=True)
+    starts, ends = segments()
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False), starts[:, 0], ends[:, 0]
+
+
+def mixed() -> tuple[nn.Module, Tensor, Tensor]:
+    """A shared and an in-place ReLU module, then ``torch.tanh``, ``F.gelu`` and ``.relu_()`` at the top level."""
+    torch.manual_seed(0)
+    return Mixed(), 3 * torch.randn(7, 3), 3 * torch.randn(7, 3)
+
+
+@pytest.mark.parametrize("make", [wrapped, transformer, mixed])
+def test_functional_activations_are_compiled(make, backend: Counting) -> None:
+    model, starts, ends = make()
+    eager = path_folding(model, starts, ends, steps=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not measured eagerly
+        for _ in range(2):
+            assert_same(path_folding(model, starts, ends, steps=12, compile=True), eager)
+        assert torch.equal(
+            path_patterns(model, starts, ends, steps=12, compile=True), path_patterns(model, starts, ends, steps=12)
+        )
+    assert backend.graphs == 2  # one step for path_folding, one for path_patterns
+    if make is wrapped:  # the functional's rule, taken from its call
+        (step, _) = compiled._STEPS[model].steps.values()
+        assert step.hooked == ["2", "4"] and step.rules[1].kinks == (-2.0, 2.0)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(12, 4), nn.Linear(12, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(1)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def swiglu() -> nn.Module:
+    torch.manual_seed(0)
+    model = SwiGLU()
+    register_swiglu(model)
+    return model
+
+
+def shifted_tanh() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 9), ShiftedTanhActivation(), nn.Linear(9, 2))
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"), [(swiglu, "SwiGLU units"), (shifted_tanh, "does not see the pre-activation of layer '2'")]
+)
+def test_unsupported_layers_are_measured_eagerly_with_one_warning(make, reason: str, backend: Counting) -> None:
+    model, (starts, ends) = make(), segments()
+    with pytest.warns(UserWarning, match=reason):
         result = path_folding(model, starts, ends, steps=8, compile=True)
     assert_same(result, path_folding(model, starts, ends, steps=8))
     with warnings.catch_warnings():
@@ -232,9 +313,17 @@ def test_callback_compiles_once_over_its_measurements(
     assert torch.equal(callback.latest_result.chi, path_folding(model, pairs.starts, pairs.ends, steps=16).chi)
 
 
-def test_inductor_on_a_tiny_mlp() -> None:
+class Residual(nn.Module):  # not named like an activation: its call is a bare functional call
+    def forward(self, x: Tensor) -> Tensor:
+        return x + F.relu(x)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_inductor_on_a_tiny_mlp(functional: bool) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    hidden = [GELU(), nn.Linear(8, 8), Residual()] if functional else [nn.ReLU()]
+    model = nn.Sequential(nn.Linear(3, 8), *hidden, nn.Linear(8, 2))
     starts, ends = 3 * torch.randn(4, 3), 3 * torch.randn(4, 3)
     eager = path_folding(model, starts, ends, steps=10, return_distances=True)
     assert_same(path_folding(model, starts, ends, steps=10, return_distances=True, compile=True), eager)
+    assert compiled._STEPS[model].steps  # compiled, not measured eagerly
