@@ -3,8 +3,9 @@
 Run: python benchmarks/bench_path_folding.py [--quick] [--compile] [--threads N]
 
 - overhead: path_folding time / the fastest plain forward of the same points (all in one batch, or batches of 64 or
-  256), min/median/max over interleaved repeats; the call runs right after the plain forwards, and again right after
-  another call of itself;
+  256), min/median/max over interleaved repeats, each function timed alike (in a shuffled order, each timed call right
+  after an untimed call of itself: ``common.repeat_times``); then in a fixed order, with path_folding always right after
+  the plain forwards;
 - speed-up over the published approach (one batched forward per path) and over one forward per point;
 - the cost of the finiteness check: path_folding / path_folding with the check switched off (min/median/max over
   rounds, each the best of 3 interleaved calls);
@@ -65,17 +66,17 @@ def compare(name: str, model: nn.Module, starts: torch.Tensor, ends: torch.Tenso
     spread = f"min {min(ratios):.2f}x, median {statistics.median(ratios):.2f}x, max {max(ratios):.2f}x"
     fastest = min(forwards, key=forwards.__getitem__)
     print(
-        f"{name}: path_folding / fastest plain forward ({fastest}) = {spread} over {repeats} repeats (target <= 1.25x)"
+        f"{name}: path_folding / fastest plain forward ({fastest}) = {spread} over {repeats} repeats, each after itself"
     )
-    # Right after the plain forwards (above) a call first faults in the memory they returned; after another call of
-    # itself, as in a loop of measurements, it finds its memory where it left it.
+    # The same in a fixed order, where the call always runs right after the plain forwards (and each of them after
+    # another plain forward).
     points = segment_points(starts, ends, torch.arange(steps + 1, dtype=torch.float64) / steps)
     fold = lambda: path_folding(model, starts, ends, steps=steps)  # noqa: E731
-    times = repeat_times([fold, fold, *plain_forwards(model, points).values()], repeats)
-    again = [row[1] / min(row[2:]) for row in times]
+    times = repeat_times([fold, *plain_forwards(model, points).values()], repeats, fixed_order=True)
+    after = [row[0] / min(row[1:]) for row in times]
     print(
-        f"{name}: path_folding right after itself / fastest plain forward = min {min(again):.2f}x, median "
-        f"{statistics.median(again):.2f}x, max {max(again):.2f}x over {repeats} repeats"
+        f"{name}: path_folding right after the plain forwards / fastest plain forward = min {min(after):.2f}x, median "
+        f"{statistics.median(after):.2f}x, max {max(after):.2f}x over {repeats} repeats in a fixed order"
     )
     per_path, ours_again = best_times(
         [lambda: per_path_loop(model, starts, ends, steps), lambda: path_folding(model, starts, ends, steps=steps)],
@@ -171,7 +172,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="only compile=True against the plain forwards")
     args = parse_with_threads(parser)
     torch.manual_seed(0)
-    repeats = 2 if args.quick else 5
+    repeats = 2 if args.quick else 15
     pairs, steps = (16, 64) if args.quick else (64, 64)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {pairs} pairs x {steps} steps")
     networks = (("MLP 784-256x4-10", mlp()), ("CNN 1x28x28", cnn()))

@@ -31,8 +31,9 @@ For each network it prints the activation layers found, the units per point (sum
    a network measured eagerly instead.
 
 Timing: the compared functions run in turns, once per repeat (after a warm-up), so that a busy machine slows all of
-them alike; each ratio is taken within one repeat and reported as min/median/max over the repeats (for exact/floor,
-as many repeats as fit in 60 s, at least one). A final markdown table sums up. ``run(device="cuda")`` (used by
+them alike, in a shuffled order and each timed call right after an untimed call of itself (``common.repeat_times``);
+each ratio is taken within one repeat and reported as min/median/max over the repeats (for exact/floor, in a fixed
+order, as many repeats as fit in 60 s, at least one). A final markdown table sums up. ``run(device="cuda")`` (used by
 ``cuda_check.py``) measures fold/forward on a GPU.
 """
 

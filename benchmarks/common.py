@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -44,19 +45,34 @@ def cnn() -> nn.Module:
     )
 
 
-def repeat_times(functions: list[Callable[[], object]], repeats: int, warm_up: bool = True) -> list[list[float]]:
+def repeat_times(
+    functions: list[Callable[[], object]], repeats: int, warm_up: bool = True, fixed_order: bool = False
+) -> list[list[float]]:
     """Wall-clock times of each function in every repeat, ``[repeat][function]``, run in turns so that a busy machine
-    slows all of them alike; ratios taken within one repeat compare like with like."""
+    slows all of them alike; ratios taken within one repeat compare like with like.
+
+    By default every function is timed alike: each repeat runs them in another order (seeded), and each timed call
+    right after an untimed call of the same function. A call runs slower right after other work than right after
+    itself (about 10% for the benchmark MLP: the allocator's and the caches' state), so in a fixed order the functions
+    that follow their own kind would be favoured. ``fixed_order`` times each function once per repeat, in the given
+    order.
+    """
     if warm_up:
         for function in functions:
             function()
+    order = list(range(len(functions)))
+    generator = random.Random(0)
     times = []
     for _ in range(repeats):
-        row = []
-        for function in functions:
+        if not fixed_order:
+            generator.shuffle(order)
+        row = [0.0] * len(functions)
+        for index in order:
+            if not fixed_order:
+                functions[index]()
             begin = time.perf_counter()
-            function()
-            row.append(time.perf_counter() - begin)
+            functions[index]()
+            row[index] = time.perf_counter() - begin
         times.append(row)
     return times
 
@@ -147,7 +163,10 @@ def exact_over_floor(
 
     floor()  # warm-up; the caller's first exact call was the traversal's
     times = repeat_times(
-        [lambda: path_folding(model, starts, ends, exact=True, forward=forward), floor], repeats, warm_up=False
+        [lambda: path_folding(model, starts, ends, exact=True, forward=forward), floor],
+        repeats,
+        warm_up=False,
+        fixed_order=True,  # calls of many seconds: a few percent of order effects do not matter here
     )
     return floor_steps, [exact / dense for exact, dense in times], [min(column) for column in zip(*times, strict=True)]
 

@@ -349,7 +349,7 @@ def _without_wrappers(qualified_name: str) -> str:
     return ".".join(part for part in qualified_name.split(".") if part != "_orig_mod")
 
 
-def has_functional_layers(layers: list[LayerInfo]) -> bool:
+def has_functional_layers(layers: Sequence[LayerInfo]) -> bool:
     """Whether any of the layers is a functional call (so capturing needs ``functional=True``)."""
     return any(layer.activation.startswith("F.") for layer in layers)
 
@@ -548,10 +548,12 @@ def check_batch_first(name: str, pre_activation: Tensor, batch_size: int) -> Non
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Run the block in eval mode without gradients, then restore every module's training flag."""
     flags = {module: module.training for module in model.modules()}
-    model.eval()
+    if any(flags.values()):
+        model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
         for module, training in flags.items():
-            module.training = training  # per module: a user may have frozen submodules in eval mode
+            if module.training != training:  # per module: a user may have frozen submodules in eval mode
+                module.training = training

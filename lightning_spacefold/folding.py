@@ -439,7 +439,11 @@ def _sampled_folding(
             line = eager.enter_context(LineShortcut(model, inputs_key(starts, forward), values))
             capture = eager.enter_context(
                 capture_activations(
-                    model, walk.add_layer, frozenset(selected), has_functional_layers(found), expected=found
+                    model,
+                    line.unwatched(walk.add_layer),
+                    frozenset(selected),
+                    has_functional_layers(found),
+                    expected=found,
                 )
             )
         for first in range(0, num_paths, group_size):
@@ -561,9 +565,12 @@ def path_patterns(
         if step is not None:
             output, patterns = step(model, run, starts, ends, t, finite)
         else:
+            values = len(starts) * (steps + 1) * starts[0].numel()
             with (
-                capture_activations(model, bits, frozenset(selected), has_functional_layers(found)) as capture,
-                LineShortcut(model, inputs_key(starts, forward), len(starts) * (steps + 1) * starts[0].numel()) as line,
+                LineShortcut(model, inputs_key(starts, forward), values) as line,
+                capture_activations(
+                    model, line.unwatched(bits), frozenset(selected), has_functional_layers(found)
+                ) as capture,
             ):
                 output = run(line.points(starts, ends, t))
             patterns = torch.cat(capture.values, dim=1)

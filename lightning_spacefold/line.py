@@ -25,15 +25,18 @@ from __future__ import annotations
 import math
 import mmap
 import weakref
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = ["AFFINE_MAPS", "LineShortcut", "Segments", "linear_part", "segment_points"]
 
@@ -341,6 +344,28 @@ class LineShortcut:
         self._segments = Segments(starts, ends, t, unset=self._unset)
         self.operations = 0
         return self._segments.points
+
+    def unwatched(self, transform: Callable[[int, Tensor, R], T]) -> Callable[[int, Tensor, R], T]:
+        """A capture's ``transform(position, pre_activation, rule)``, run out of the watch's sight.
+
+        The watch costs about 3 us per operation it sees, and a measurement's own work on each layer is dozens of
+        operations (several hundred per pass). The transform reads nothing but its pre-activation: where that is the
+        points or a view of them, it counts as a read that the watch saw (the points are computed first if unset);
+        then its operations on a plain tensor skip the TorchFunctionModes (a subclass keeps its own overrides).
+        """
+
+        def run(position: int, pre_activation: Tensor, rule: R) -> T:
+            segments = self._segments
+            if segments is not None and segments.uses((pre_activation,), {}):
+                segments.read = True
+                if segments.unset:
+                    segments.set_points()
+            if type(pre_activation) is not Tensor or torch.compiler.is_compiling():
+                return transform(position, pre_activation, rule)
+            with torch._C.DisableTorchFunction():
+                return transform(position, pre_activation, rule)
+
+        return run
 
     def end_pass(self) -> None:
         """Close the pass; after a pass watched whole, remember how the model used its points."""

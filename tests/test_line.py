@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lightning_spacefold.capture as capture_module
 import lightning_spacefold.line as line_module
-from lightning_spacefold import path_folding, path_patterns, soft_folding
+from lightning_spacefold import path_folding, path_patterns, register_activation, soft_folding
 from lightning_spacefold.line import LineShortcut, Segments, segment_points
 
 
@@ -286,6 +287,47 @@ def test_path_folding_skips_the_points_once_it_knows_they_are_unused(computed: l
     path_folding(skip, starts, ends, steps=40, batch_size=100)
     path_folding(skip, starts, ends, steps=40, batch_size=100)
     assert computed[-12:] == [True] * 12  # the input also reaches the second layer: always computed
+
+
+class PassThrough(nn.Module):
+    """An activation (registered as one) that hands its input on without an operation the watch could see."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class RawFirst(nn.Module):
+    """An MLP whose first layer is, when ``raw``, a :class:`PassThrough` of the input itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.raw = False
+        self.passed, self.first, self.second = PassThrough(), nn.Linear(49, 16), nn.Linear(16, 4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.passed(images) if self.raw else images
+        return self.second(torch.relu(self.first(x.flatten(1))))
+
+
+@pytest.mark.parametrize("learnt_first", [False, True])
+def test_a_layer_that_takes_the_points_themselves_reads_them(learnt_first: bool, computed, monkeypatch) -> None:
+    # The measurement's own work on a layer runs unwatched: its reading the points must count all the same, also
+    # after passes that showed them unused.
+    monkeypatch.setattr("lightning_spacefold.capture._MODULE_RULES", dict(capture_module._MODULE_RULES))
+    register_activation(PassThrough)
+    model, (starts, ends) = RawFirst(), paths()
+    model.raw = not learnt_first
+    path_folding(model, starts, ends, steps=40, batch_size=100)
+    model.raw = True
+    result = path_folding(model, starts, ends, steps=40, batch_size=100)
+    patterns = path_patterns(model, starts, ends, steps=8)
+    assert computed[-7:] == [True] * 7  # the first layer's pre-activation is the points: every pass computes them
+    expected = without_shortcut(monkeypatch, lambda: path_folding(model, starts, ends, steps=40, batch_size=100))
+    assert torch.equal(result.layer_r2, expected.layer_r2) and torch.equal(result.layer_r1, expected.layer_r1)
+    assert result.layer_r2[:, 0].min() > 0  # the input's own signs change along every path
+    points = segment_points(starts, ends, torch.linspace(0, 1, 9, dtype=torch.float64)).flatten(1)
+    assert torch.equal(patterns[..., :49].flatten(0, 1), points > 0)
 
 
 def test_small_points_are_computed_and_then_only_the_first_map_is_watched(computed, monkeypatch) -> None:
