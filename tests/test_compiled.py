@@ -202,6 +202,17 @@ def test_functional_activations_are_compiled(make, backend: Counting) -> None:
         assert step.hooked == ["2", "4"] and step.rules[1].kinks == (-2.0, 2.0)
 
 
+def test_only_bare_functional_calls_hook_the_modules_exits() -> None:
+    # Exit hooks that count the depth made compiled ResNet-18 1.15x slower: only bare functional calls need them.
+    recorder = compiled._Recorder(lambda _z: None)
+    relu, owner = nn.ReLU(), nn.Linear(2, 2)
+    with recorder.hooked([relu], []):
+        assert len(relu._forward_pre_hooks) == 1 and not relu._forward_hooks
+    with recorder.hooked([relu], [owner]):
+        assert len(relu._forward_hooks) == 1 and len(owner._forward_pre_hooks) == 1
+    assert not relu._forward_pre_hooks and not relu._forward_hooks and not owner._forward_pre_hooks
+
+
 class SwiGLU(nn.Module):
     def __init__(self) -> None:
         super().__init__()
