@@ -53,7 +53,7 @@ def repeat_times(
 
     By default every function is timed alike: each repeat runs them in another order (seeded), and each timed call
     right after an untimed call of the same function. A call runs slower right after other work than right after
-    itself (about 10% for the benchmark MLP: the allocator's and the caches' state), so in a fixed order the functions
+    itself (5-11% for the benchmark MLP, as much after a sleep as after other work), so in a fixed order the functions
     that follow their own kind would be favoured. ``fixed_order`` times each function once per repeat, in the given
     order.
     """

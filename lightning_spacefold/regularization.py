@@ -195,10 +195,10 @@ def _soft_folding(
     finite: list[Tensor] = []  # per layer, [P]: whether the path's pre-activations are finite
     with (
         _frozen_running_statistics(model),
-        capture_activations(
-            model, soft_bits, frozenset(selected), has_functional_layers(found), expected=found
-        ) as capture,
         LineShortcut(model, inputs_key(starts, forward), num_paths * num_points * starts[0].numel()) as line,
+        capture_activations(
+            model, line.unwatched(soft_bits), frozenset(selected), has_functional_layers(found), expected=found
+        ) as capture,
     ):
         output = (model if forward is None else forward)(line.points(starts, ends, t))
         capture.check_pass()
