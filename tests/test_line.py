@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -303,23 +305,32 @@ class RawFirst(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.raw = False
-        self.passed, self.first, self.second = PassThrough(), nn.Linear(49, 16), nn.Linear(16, 4)
+        self.passed, self.first, self.second = PassThrough(), nn.Linear(49, 16), nn.Linear(16, 16)
+        self.last = nn.Linear(16, 4)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.passed(images) if self.raw else images
-        return self.second(torch.relu(self.first(x.flatten(1))))
+        return self.last(torch.relu(self.second(torch.relu(self.first(x.flatten(1))))))
 
 
+@pytest.mark.parametrize("soft_first", [False, True])
 @pytest.mark.parametrize("learnt_first", [False, True])
-def test_a_layer_that_takes_the_points_themselves_reads_them(learnt_first: bool, computed, monkeypatch) -> None:
+def test_a_layer_that_takes_the_points_themselves_reads_them(
+    learnt_first: bool, soft_first: bool, computed, monkeypatch
+) -> None:
     # The measurement's own work on a layer runs unwatched: its reading the points must count all the same, also
-    # after passes that showed them unused.
+    # after passes that showed them unused (for the first call after them: soft folding's, or path_folding's).
     monkeypatch.setattr("lightning_spacefold.capture._MODULE_RULES", dict(capture_module._MODULE_RULES))
     register_activation(PassThrough)
     model, (starts, ends) = RawFirst(), paths()
     model.raw = not learnt_first
     path_folding(model, starts, ends, steps=40, batch_size=100)
     model.raw = True
+    if soft_first:
+        soft = soft_folding(model, starts, ends, steps=8)
+        expected_soft = soft_folding(copy.deepcopy(model), starts, ends, steps=8)  # a model it has not seen: computed
+        assert expected_soft.min() > 0  # the second hidden layer folds every path
+        torch.testing.assert_close(soft, expected_soft)
     result = path_folding(model, starts, ends, steps=40, batch_size=100)
     patterns = path_patterns(model, starts, ends, steps=8)
     assert computed[-7:] == [True] * 7  # the first layer's pre-activation is the points: every pass computes them
