@@ -383,24 +383,24 @@ def measure_first_affine(
 
 @contextmanager
 def counting_shortcuts() -> Iterator[Counter[str]]:
-    """Count, while active, the forward passes of the sampled measurement (``LineShortcut.points``) and those that
+    """Count, while active, the forward passes of the sampled measurement (``LineShortcut.run``) and those that
     took the line shortcut (``Segments.affine``)."""
     counts: Counter[str] = Counter()
-    points, affine = line.LineShortcut.points, line.Segments.affine
+    run, affine = line.LineShortcut.run, line.Segments.affine
 
-    def counted_points(self: line.LineShortcut, *args: Any, **kwargs: Any) -> Tensor:
+    def counted_run(self: line.LineShortcut, *args: Any, **kwargs: Any) -> Any:
         counts["passes"] += 1
-        return points(self, *args, **kwargs)
+        return run(self, *args, **kwargs)
 
     def counted_affine(self: line.Segments, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         counts["shortcuts"] += 1
         return affine(self, *args, **kwargs)
 
-    line.LineShortcut.points, line.Segments.affine = counted_points, counted_affine  # type: ignore[method-assign]
+    line.LineShortcut.run, line.Segments.affine = counted_run, counted_affine  # type: ignore[method-assign]
     try:
         yield counts
     finally:
-        line.LineShortcut.points, line.Segments.affine = points, affine  # type: ignore[method-assign]
+        line.LineShortcut.run, line.Segments.affine = run, affine  # type: ignore[method-assign]
 
 
 def measure_shortcut(

@@ -445,8 +445,7 @@ def _probe(
         handles = [module.register_forward_pre_hook(before) for module in candidates]
         handles += [module.register_forward_hook(after) for module in candidates]
         try:
-            run(line.points(start, end, torch.tensor([0.0, 1.0], dtype=torch.float64, device=start.device)))
-            line.end_pass()
+            line.run(run, start, end, torch.tensor([0.0, 1.0], dtype=torch.float64, device=start.device))
         finally:
             for handle in handles:
                 handle.remove()

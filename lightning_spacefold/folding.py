@@ -457,8 +457,7 @@ def _sampled_folding(
                     walk.begin_pass(paths, points)
                     if step is None:
                         capture.reset()
-                        output = run(line.points(group_starts[paths], group_ends[paths], chunk_t[points]))
-                        line.end_pass()
+                        output = line.run(run, group_starts[paths], group_ends[paths], chunk_t[points])
                         capture.check_pass()
                     else:
                         output, layer_words = step(
@@ -572,7 +571,7 @@ def path_patterns(
                     model, line.unwatched(bits), frozenset(selected), has_functional_layers(found)
                 ) as capture,
             ):
-                output = run(line.points(starts, ends, t))
+                output = line.run(run, starts, ends, t)
             patterns = torch.cat(capture.values, dim=1)
     finite.end_pass(output)
     finite.check()

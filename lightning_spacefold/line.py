@@ -26,7 +26,7 @@ import math
 import mmap
 import weakref
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -289,13 +289,13 @@ class LineShortcut:
 
         with LineShortcut(model, key) as line:
             for chunk_t in chunks:
-                output = model(line.points(starts, ends, chunk_t))
-                line.end_pass()
+                output = line.run(model, starts, ends, chunk_t)
 
-    The first pass on a model and key is watched whole (a TorchFunctionMode sees every operation): it shows which
-    module's map takes the points and whether anything else uses them. Later passes run that module alone under the
-    mode, or, where the points are used by nothing else and the call's passes are large enough to be worth it
-    (:data:`POINTS_PER_OPERATION`), leave them unset and watch the whole pass again.
+    The first pass on a model and key is watched whole (a TorchFunctionMode sees every operation of the pass): it
+    shows which module's map takes the points and whether anything else uses them. Later passes run that module alone
+    under the mode, or, where the points are used by nothing else and the call's passes are large enough to be worth
+    it (:data:`POINTS_PER_OPERATION`), leave them unset and watch the whole pass again. Only the passes are watched:
+    the caller's own work between them runs unseen.
 
     Args:
         model: The model the passes run, to remember across calls how it uses its points; ``None`` to watch every
@@ -330,20 +330,22 @@ class LineShortcut:
             and self._values_per_pass > POINTS_PER_OPERATION * max(learnt.operations, 1)
         )
         self.watching = learnt is None or self._unset
-        if self.watching:
-            self._stack.enter_context(self._mode)
-        elif learnt is not None and learnt.stem is not None:
+        if not self.watching and learnt is not None and learnt.stem is not None:
             self._stack.enter_context(_watched_calls(learnt.stem, self._mode))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._stack.close()
 
-    def points(self, starts: Tensor, ends: Tensor, t: Tensor) -> Tensor:
-        """The points ``[G * K, *shape]`` of the segments ``starts[G] -> ends[G]`` at ``t[K]``, for the next pass."""
+    def run(self, forward: Callable[[Tensor], T], starts: Tensor, ends: Tensor, t: Tensor) -> T:
+        """One forward pass: ``forward`` of the points ``[G * K, *shape]`` of ``starts[G] -> ends[G]`` at ``t[K]``."""
         self._segments = Segments(starts, ends, t, unset=self._unset)
         self.operations = 0
-        return self._segments.points
+        # The watch costs about 3 us per operation it sees: it is entered for the pass alone.
+        with self._mode if self.watching else nullcontext():
+            output = forward(self._segments.points)
+        self._end_pass()
+        return output
 
     def unwatched(self, transform: Callable[[int, Tensor, R], T]) -> Callable[[int, Tensor, R], T]:
         """A capture's ``transform(position, pre_activation, rule)``, run out of the watch's sight.
@@ -367,7 +369,7 @@ class LineShortcut:
 
         return run
 
-    def end_pass(self) -> None:
+    def _end_pass(self) -> None:
         """Close the pass; after a pass watched whole, remember how the model used its points."""
         segments, model = self._segments, self._model
         self._segments = None

@@ -200,7 +200,7 @@ def _soft_folding(
             model, line.unwatched(soft_bits), frozenset(selected), has_functional_layers(found), expected=found
         ) as capture,
     ):
-        output = (model if forward is None else forward)(line.points(starts, ends, t))
+        output = line.run(model if forward is None else forward, starts, ends, t)
         capture.check_pass()
     if isinstance(output, Tensor) and output.is_floating_point() and output.shape[:1] == (num_paths * num_points,):
         finite.append(torch.isfinite(output.detach().reshape(num_paths, -1).sum(-1)))

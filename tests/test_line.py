@@ -12,6 +12,7 @@ from torch import nn
 import lightning_spacefold.capture as capture_module
 import lightning_spacefold.line as line_module
 from lightning_spacefold import path_folding, path_patterns, register_activation, soft_folding
+from lightning_spacefold.finite import FiniteCheck
 from lightning_spacefold.line import LineShortcut, Segments, segment_points
 
 
@@ -141,8 +142,8 @@ def test_the_shortcut_outputs_equal_the_map_of_every_point() -> None:
     t = torch.linspace(0, 1, 7, dtype=torch.float64)
     points = segment_points(starts.double(), ends.double(), t)
     with LineShortcut() as line:
-        shortcut = F.conv2d(
-            line.points(starts.double(), ends.double(), t), weight.double(), bias=bias.double(), stride=2
+        shortcut = line.run(
+            lambda x: F.conv2d(x, weight.double(), bias=bias.double(), stride=2), starts.double(), ends.double(), t
         )
         assert line.shortcuts == 1
     torch.testing.assert_close(shortcut, F.conv2d(points, weight.double(), bias=bias.double(), stride=2))
@@ -208,8 +209,7 @@ def run_passes(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor) -> li
     outputs = []
     with torch.no_grad(), LineShortcut(model, "key", values_per_pass=len(starts) * 5 * 49) as line:
         for t in (torch.linspace(0, 0.5, 5, dtype=torch.float64), torch.linspace(0.5, 1, 5, dtype=torch.float64)):
-            outputs.append(model(line.points(starts, ends, t)))
-            line.end_pass()
+            outputs.append(line.run(model, starts, ends, t))
     return outputs
 
 
@@ -346,8 +346,7 @@ def test_small_points_are_computed_and_then_only_the_first_map_is_watched(comput
     model, (starts, ends) = Switchable(), paths(3)
     run_passes(model, starts, ends)
     with torch.no_grad(), LineShortcut(model, "key", values_per_pass=len(starts) * 5 * 49) as line:
-        output = model(line.points(starts, ends, torch.linspace(0, 0.5, 5, dtype=torch.float64)))
-        line.end_pass()
+        output = line.run(model, starts, ends, torch.linspace(0, 0.5, 5, dtype=torch.float64))
         assert not line.watching and line.shortcuts == 1 and line.operations < 4  # the first layer's calls alone
     assert computed == [True, True, True]
     torch.testing.assert_close(output, reference(model, starts, ends)[0])
@@ -372,3 +371,26 @@ def test_what_is_learnt_is_one_entry_per_model() -> None:
         sizes.append(len(line_module._LEARNT))
     _key, learnt = line_module._LEARNT[model]
     assert sizes[0] == sizes[1] == sizes[2] and learnt.stem is model[1]
+
+
+def test_only_the_forward_passes_are_watched(monkeypatch) -> None:
+    # The watch costs about 3 us per operation it sees: the measurement's own work between passes runs outside it.
+    modes: dict[str, list[int]] = {"forward": [], "between passes": []}
+
+    class Recording(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            modes["forward"].append(torch._C._len_torch_function_stack())
+            return super().forward(x)
+
+    end_pass = FiniteCheck.end_pass
+
+    def recorded_end_pass(self: FiniteCheck, output: object) -> None:
+        modes["between passes"].append(torch._C._len_torch_function_stack())
+        end_pass(self, output)
+
+    monkeypatch.setattr(FiniteCheck, "end_pass", recorded_end_pass)
+    model = Recording(nn.Flatten(), nn.Linear(49, 8), nn.ReLU(), nn.Linear(8, 3), nn.ReLU())
+    starts, ends = paths(4)
+    path_folding(model, starts, ends, steps=8, batch_size=12)  # several passes, the first call: watched whole
+    assert len(modes["between passes"]) > 1 and set(modes["between passes"]) == {0}
+    assert set(modes["forward"]) == {1}
