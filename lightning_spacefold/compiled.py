@@ -76,7 +76,9 @@ def pack_bits(bits: Tensor) -> Tensor:
     """
     bits = F.pad(bits, (0, -bits.shape[-1] % 64)).unflatten(-1, (-1, 64))
     weights = torch.ones((), dtype=torch.int64, device=bits.device) << torch.arange(64, device=bits.device)
-    return (bits.to(torch.int64) * weights).sum(-1)
+    # A select, not a product: inductor's CPU code multiplies int64 vectors element by element (AVX2 has no 64-bit
+    # multiply), which made this loop 2x slower (transformer encoder FFN, [4224, 512] pre-activations).
+    return torch.where(bits, weights, 0).sum(-1)
 
 
 class _Recorder(TorchFunctionMode):
