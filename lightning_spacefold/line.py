@@ -204,6 +204,12 @@ class Segments:
         else:
             self.points = points
 
+    def mark_read(self) -> None:
+        """Record that an operation other than the first map reads the points, computing them first if unset."""
+        self.read = True
+        if self.unset:
+            self.set_points()
+
     def uses(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether an operation's arguments include the points or a view of them made in this pass."""
         aliases = self.aliases
@@ -359,9 +365,7 @@ class LineShortcut:
         def run(position: int, pre_activation: Tensor, rule: R) -> T:
             segments = self._segments
             if segments is not None and segments.uses((pre_activation,), {}):
-                segments.read = True
-                if segments.unset:
-                    segments.set_points()
+                segments.mark_read()
             if type(pre_activation) is not Tensor or torch.compiler.is_compiling():
                 return transform(position, pre_activation, rule)
             with torch._C.DisableTorchFunction():
@@ -408,9 +412,7 @@ class _Watch(TorchFunctionMode):
                 view = func(*args, **kwargs)
                 segments.add_alias(view)
                 return view
-            segments.read = True
-            if segments.unset:
-                segments.set_points()
+            segments.mark_read()
         return func(*args, **kwargs)
 
 
