@@ -10,6 +10,7 @@ import gc
 import warnings
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -322,6 +323,29 @@ def test_callback_compiles_once_over_its_measurements(
     assert budgets == [True]  # the passes sized for compiled code
     pairs = callback._drawn
     assert torch.equal(callback.latest_result.chi, path_folding(model, pairs.starts, pairs.ends, steps=16).chi)
+
+
+def test_a_step_failing_with_the_inductor_options_compiles_without_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An option inductor refuses stands for options whose generated code fails (memory planning before torch 2.14).
+    monkeypatch.setattr(compiled, "INDUCTOR_OPTIONS", {"no_such_option": True})
+    options = []
+    compile_with = torch.compile
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        options.append(kwargs.get("options"))
+        return compile_with(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    starts, ends = 3 * torch.randn(4, 3), 3 * torch.randn(4, 3)
+    eager = path_folding(model, starts, ends, steps=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_same(path_folding(model, starts, ends, steps=10, compile=True), eager)
+    assert not [warning for warning in caught if "compile=True" in str(warning.message)]
+    assert options == [{"no_such_option": True}, None]
+    assert compiled._STEPS[model].steps  # compiled the second time, not measured eagerly
 
 
 class Residual(nn.Module):  # not named like an activation: its call is a bare functional call
