@@ -61,8 +61,8 @@ INDUCTOR_OPTIONS: dict[str, Any] = {"memory_planning": True} if torch.__version_
 Freed one by one, a transformer encoder step's megabyte activations left more free memory at the top of glibc's
 heap than its trim threshold, so the heap shrank after each call and the next call faulted its pages in again:
 12,600-16,200 page faults per call, against 0 with the pool (``nn.TransformerEncoder``, 4 layers, 132 points).
-Not before torch 2.14, whose inductor generated failing code for small CNNs and MLPs with it. A step that fails
-with these options is compiled again without them.
+Not before torch 2.14: torch 2.13's inductor generated failing code for small CNNs and MLPs with it. A step that
+fails with these options is compiled again without them.
 """
 
 _AFFINE_MODULES: dict[type[nn.Module], Callable[..., Tensor]] = {
