@@ -31,6 +31,7 @@ import subprocess
 import sys
 
 import torch
+from common import spread
 from torch import nn
 
 from lightning_spacefold import path_folding
@@ -98,10 +99,6 @@ def child(mode: str, num_paths: int, steps: int, threads: int | None) -> None:
     print(json.dumps({"peak_kib": _status_kib("VmHWM") - before, "kept_kib": _status_kib("VmRSS") - before}))
 
 
-def _spread(values: list[float]) -> str:
-    return f"{min(values):.1f}/{statistics.median(values):.1f}/{max(values):.1f}"
-
-
 def measure(mode: str, num_paths: int, steps: int, threads: int | None) -> dict[str, int]:
     command = [sys.executable, __file__, "--child", mode, str(num_paths), str(steps)]
     if threads is not None:
@@ -122,7 +119,7 @@ def main() -> None:
     grid, repeats = (QUICK_GRID, 1) if args.quick else (GRID, args.repeats)
     print(f"torch {torch.__version__}, threads {args.threads or 'default'}, {repeats} round(s) per configuration")
     print(
-        "paths x steps | plain peak MiB min/median/max | path_folding peak MiB min/median/max | "
+        "paths x steps | plain peak MiB min-median-max | path_folding peak MiB min-median-max | "
         "ratio of medians (of minima) | rounds within | kept MiB (fold) | target on medians"
     )
     failures = 0
@@ -138,7 +135,7 @@ def main() -> None:
         met = fold_median <= TARGET_RATIO * plain_median + SLACK_MIB
         failures += not met
         print(
-            f"{num_paths} x {steps} | {_spread(plain_peak)} | {_spread(fold_peak)} | "
+            f"{num_paths} x {steps} | {spread(plain_peak, 1, '')} | {spread(fold_peak, 1, '')} | "
             f"{fold_median / max(plain_median, 1e-3):.2f}x ({min(fold_peak) / max(min(plain_peak), 1e-3):.2f}x) | "
             f"{within} of {repeats} | {statistics.median(run['kept_kib'] / 1024 for run in fold):.1f} | "
             f"{'met' if met else 'MISSED'} (<= {TARGET_RATIO}x plain + {SLACK_MIB:.0f} MiB)"

@@ -135,9 +135,9 @@ def plain_forwards(run: Callable[[Tensor], Any], points: Tensor) -> dict[str, Ca
     return {"one batch" if size == len(points) else f"batches of {size}": plain(size) for size in sizes}
 
 
-def spread(ratios: list[float]) -> str:
-    """``min-median-max`` of a list of ratios."""
-    return f"{min(ratios):.2f}-{statistics.median(ratios):.2f}-{max(ratios):.2f}x"
+def spread(values: list[float], digits: int = 2, unit: str = "x") -> str:
+    """``min-median-max`` of a list of values (by default ratios)."""
+    return f"{min(values):.{digits}f}-{statistics.median(values):.{digits}f}-{max(values):.{digits}f}{unit}"
 
 
 def exact_over_floor(

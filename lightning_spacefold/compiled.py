@@ -188,7 +188,7 @@ class CompiledStep:
         dtype: torch.dtype,
         shape: tuple[int, int] | None,
         patterns: bool,
-        options: dict[str, Any],
+        options: dict[str, Any] | None,
     ) -> None:
         self.hooked, self.owners, self.selected, self.rules, self.affine = hooked, owners, selected, rules, affine
         self.dtype, self.shape, self.patterns = dtype, shape, patterns
@@ -201,9 +201,7 @@ class CompiledStep:
         # A code object of its own: dynamo's recompile limit counts per code object, so that steps of other models
         # and shapes do not use up one another's.
         step = types.FunctionType(CompiledStep._step.__code__.replace(), globals(), "_step")
-        self.compiled = torch.compile(
-            types.MethodType(step, self), backend=BACKEND, dynamic=False, options=options or None
-        )
+        self.compiled = torch.compile(types.MethodType(step, self), backend=BACKEND, dynamic=False, options=options)
 
     def _record(self, z: Tensor) -> None:
         bits = self.rules[len(self.calls)].bits(z).reshape(len(z), -1)
@@ -373,7 +371,7 @@ def compiled_step(
         isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None
         for module in model.modules()
     )
-    attempts = [INDUCTOR_OPTIONS, {}] if BACKEND == "inductor" and INDUCTOR_OPTIONS else [{}]
+    attempts = [INDUCTOR_OPTIONS, None] if BACKEND == "inductor" and INDUCTOR_OPTIONS else [None]
     for options in attempts:
         try:
             step = CompiledStep(
