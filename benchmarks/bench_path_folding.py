@@ -5,7 +5,7 @@ Run: python benchmarks/bench_path_folding.py [--quick] [--compile] [--threads N]
 - overhead: path_folding time / the fastest plain forward of the same points (all in one batch, or batches of 64 or
   256), min/median/max over interleaved repeats, each function timed alike (in a shuffled order, each timed call right
   after an untimed call of itself: ``common.repeat_times``); then in a fixed order, with path_folding always right after
-  the plain forwards;
+  the plain forwards; and the minor page faults of a call of each (pages taken anew from the system);
 - speed-up over the published approach (one batched forward per path) and over one forward per point;
 - the cost of the finiteness check: path_folding / path_folding with the check switched off (min/median/max over
   rounds, each the best of 3 interleaved calls);
@@ -25,7 +25,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from common import best_times, cnn, fold_over_forward, mlp, parse_with_threads, plain_forwards, repeat_times
+from common import (
+    best_times,
+    cnn,
+    fold_over_forward,
+    minor_faults,
+    mlp,
+    parse_with_threads,
+    plain_forwards,
+    repeat_times,
+)
 from torch import nn
 
 from lightning_spacefold import fold_measure, path_folding
@@ -72,11 +81,16 @@ def compare(name: str, model: nn.Module, starts: torch.Tensor, ends: torch.Tenso
     # another plain forward).
     points = segment_points(starts, ends, torch.arange(steps + 1, dtype=torch.float64) / steps)
     fold = lambda: path_folding(model, starts, ends, steps=steps)  # noqa: E731
-    times = repeat_times([fold, *plain_forwards(model, points).values()], repeats, fixed_order=True)
+    plains = plain_forwards(model, points)
+    times = repeat_times([fold, *plains.values()], repeats, fixed_order=True)
     after = [row[0] / min(row[1:]) for row in times]
     print(
         f"{name}: path_folding right after the plain forwards / fastest plain forward = min {min(after):.2f}x, median "
         f"{statistics.median(after):.2f}x, max {max(after):.2f}x over {repeats} repeats in a fixed order"
+    )
+    print(
+        f"{name}: minor page faults a call (median of 5): path_folding {minor_faults(fold)}, fastest plain forward "
+        f"{minor_faults(plains[fastest])}"
     )
     per_path, ours_again = best_times(
         [lambda: per_path_loop(model, starts, ends, steps), lambda: path_folding(model, starts, ends, steps=steps)],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -80,6 +81,16 @@ def repeat_times(
 def best_times(functions: list[Callable[[], object]], repeats: int) -> list[float]:
     """Best wall-clock time of each function, run in turns so that a busy machine slows all of them alike."""
     return [min(column) for column in zip(*repeat_times(functions, repeats), strict=True)]
+
+
+def minor_faults(function: Callable[[], object], calls: int = 5) -> int:
+    """Median minor page faults of one call of ``function`` (``getrusage``): pages the process takes anew."""
+    faults = []
+    for _ in range(calls):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        function()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return int(statistics.median(faults))
 
 
 def fold_over_forward(

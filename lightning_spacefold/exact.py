@@ -82,6 +82,7 @@ from lightning_spacefold.capture import (
     has_functional_layers,
 )
 from lightning_spacefold.finite import FiniteCheck
+from lightning_spacefold.heap import keep_heap
 from lightning_spacefold.line import AFFINE_MAPS, Segments, linear_part
 from lightning_spacefold.measure import folding_from_ranges, pack_words, popcount, segment_sums
 from lightning_spacefold.result import FoldingResult
@@ -620,6 +621,7 @@ def exact_folding(
         # Forward-mode AD does not run through a torch.compile'd module: traverse the module it wraps (same names).
         model = wrapped
     run = model if forward is None else forward
+    keep_heap(device)
     with evaluation_mode(model):
         _require_piecewise_linear(model, run, starts[:1], layers, last)
         probe = _Probe(layers, selected, last, device, starts.dtype)

@@ -34,6 +34,7 @@ from lightning_spacefold.checks import is_int
 from lightning_spacefold.compiled import compiled_step
 from lightning_spacefold.exact import exact_folding
 from lightning_spacefold.finite import FiniteCheck, finite_sum
+from lightning_spacefold.heap import keep_heap
 from lightning_spacefold.line import LineShortcut, segment_points
 from lightning_spacefold.measure import folding_from_ranges, pack_words, popcount, prefix_folding, segment_sums
 from lightning_spacefold.result import FoldingResult
@@ -429,6 +430,7 @@ def _sampled_folding(
         finite,
         num_points if return_distances else None,
     )
+    keep_heap(starts.device)
     with evaluation_mode(model), ExitStack() as eager:
         shape = (pass_paths, pass_points)
         step = (
@@ -554,6 +556,7 @@ def path_patterns(
         return rule.bits(pre_activation).flatten(1)
 
     run = model if forward is None else forward
+    keep_heap(starts.device)
     with evaluation_mode(model):
         shape = (len(starts), steps + 1)
         step = (
