@@ -66,7 +66,7 @@ def plain_loop(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, steps
     layers = discover_layers(model, starts, ends)
     num_paths, num_points = len(starts), steps + 1
     num_words = sum(math.ceil(layer.num_units / 64) for layer in layers)
-    layout = walk_layout(num_paths, num_points, default_batch_size(layers, starts), num_words)
+    layout = walk_layout(num_paths, num_points, default_batch_size(layers, starts, model=model), num_words)
     t = torch.arange(num_points, dtype=torch.float64) / steps
     with torch.no_grad():
         for first in range(0, num_paths, layout.group_size):

@@ -581,7 +581,7 @@ class SpaceFoldingCallback(Callback):
         if start_labels is not None and end_labels is not None:
             num_classes = int(torch.cat([start_labels, end_labels]).max()) + 1
         self._metric = SpaceFolding(num_classes=num_classes).to(pl_module.device)
-        self._batch_size = self.batch_size or default_batch_size(found, starts, self.compile)
+        self._batch_size = self.batch_size or default_batch_size(found, starts, self.compile, pl_module)
         if trainer.is_global_zero:
             add_custom_scalars(trainer.loggers, names)
 

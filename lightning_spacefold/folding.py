@@ -61,6 +61,10 @@ COMPILED_BATCH_BYTES = 16 * 2**20
 checks the compiled code's guards, which cost ResNet-18 at 32x32 1.15x its eager time in passes of 8 MiB."""
 ACCELERATOR_BATCH_BYTES = 512 * 2**20
 """The same on accelerators."""
+WEIGHT_REUSE_LIMIT = 4
+"""A pass grows past its budget, up to this many times it, until its largest activation holds as many bytes as the
+model's largest parameter: every pass reads every weight once, and in passes of 33 points VGG-11's 411 MB classifier
+weight made its measurement 1.15x its plain forward (two passes of 66: 1.02x)."""
 WALK_WORDS = 2**14
 """Packed words (of all measured layers, over all points) a chunk of the walk holds at most, unless one forward pass
 holds more: 128 KiB, and about seven times that in the chunk's temporaries."""
@@ -259,17 +263,21 @@ class _Walk:
         lengths += from_previous.sum(-1)
 
 
-def default_batch_size(layers: list[LayerInfo], inputs: Tensor, compiled: bool = False) -> int:
+def default_batch_size(
+    layers: list[LayerInfo], inputs: Tensor, compiled: bool = False, model: nn.Module | None = None
+) -> int:
     """Points per forward pass such that the largest activation of a batch stays within a cache-friendly budget.
 
     The budget is 8 MiB on CPU (:data:`CPU_BATCH_BYTES`: larger batches run slower there and take more memory), 16 MiB
-    for compiled passes on CPU (:data:`COMPILED_BATCH_BYTES`) and 512 MiB on accelerators; the result lies between 64
-    and 8192 points.
+    for compiled passes on CPU (:data:`COMPILED_BATCH_BYTES`) and 512 MiB on accelerators. Every pass reads all the
+    model's weights, so where its largest parameter is larger than that, the largest activation may grow to its size,
+    up to :data:`WEIGHT_REUSE_LIMIT` times the budget. The result lies between 64 and 8192 points.
 
     Args:
         layers: The model's activation layers (:func:`~lightning_spacefold.find_layers`).
         inputs: Example inputs ``[B, *input_shape]`` on the device and in the dtype of the measurement.
         compiled: Whether the passes run compiled (``compile=True``).
+        model: The model, whose largest parameter sets the budget's growth; ``None`` for the budget alone.
 
     Returns:
         The number of points per forward pass.
@@ -279,6 +287,9 @@ def default_batch_size(layers: list[LayerInfo], inputs: Tensor, compiled: bool =
         budget = ACCELERATOR_BATCH_BYTES
     else:
         budget = COMPILED_BATCH_BYTES if compiled else CPU_BATCH_BYTES
+    if model is not None:
+        largest = max((weight.numel() * weight.element_size() for weight in model.parameters()), default=0)
+        budget = max(budget, min(largest, WEIGHT_REUSE_LIMIT * budget))
     return int(min(MAX_BATCH_SIZE, max(MIN_BATCH_SIZE, budget // per_point)))
 
 
@@ -396,7 +407,7 @@ def _exact_folding(
     # Crossing times need the model's own precision: bfloat16 breaks the affine models of the traversal.
     with torch.autocast(starts.device.type, enabled=False):
         return exact_folding(
-            model, starts, ends, found, selected, batch_size or default_batch_size(found, starts), forward
+            model, starts, ends, found, selected, batch_size or default_batch_size(found, starts, model=model), forward
         )
 
 
@@ -416,7 +427,7 @@ def _sampled_folding(
     names = [found[index].name for index in selected]
     num_paths, num_points = len(starts), steps + 1
     widths = [math.ceil(found[index].num_units / 64) for index in selected]
-    batch_size = default_batch_size(found, starts, compile) if batch_size is None else batch_size
+    batch_size = default_batch_size(found, starts, compile, model) if batch_size is None else batch_size
     group_size, chunk_size, pass_paths, pass_points = walk_layout(num_paths, num_points, batch_size, sum(widths))
     t = torch.arange(num_points, dtype=torch.float64, device=starts.device) / steps
     run = model if forward is None else forward

@@ -306,12 +306,14 @@ def test_callback_compiles_once_over_its_measurements(
     tmp_path: Path, backend: Counting, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(0)
-    budgets: list[bool] = []
+    budgets: list[tuple[bool, nn.Module | None]] = []
     default_batch_size = callback_module.default_batch_size
 
-    def recorded(layers: list[LayerInfo], inputs: torch.Tensor, compiled: bool = False) -> int:
-        budgets.append(compiled)
-        return default_batch_size(layers, inputs, compiled)
+    def recorded(
+        layers: list[LayerInfo], inputs: torch.Tensor, compiled: bool = False, model: nn.Module | None = None
+    ) -> int:
+        budgets.append((compiled, model))
+        return default_batch_size(layers, inputs, compiled, model)
 
     monkeypatch.setattr(callback_module, "default_batch_size", recorded)
     callback = SpaceFoldingCallback(
@@ -320,7 +322,7 @@ def test_callback_compiles_once_over_its_measurements(
     model = Classifier()
     trainer(tmp_path, callback, max_steps=4).fit(model, datamodule=Blobs())
     assert callback.latest_step == 4 and backend.graphs == 1  # measured at steps 0, 2 and 4
-    assert budgets == [True]  # the passes sized for compiled code
+    assert budgets == [(True, model)]  # the passes sized for compiled code and the model's weights
     pairs = callback._drawn
     assert torch.equal(callback.latest_result.chi, path_folding(model, pairs.starts, pairs.ends, steps=16).chi)
 

@@ -377,3 +377,13 @@ def test_default_batch_size_by_hand() -> None:
     assert default_batch_size(layers(2), torch.zeros(1, 2)) == 8192  # at most
     assert default_batch_size(layers(10**6), mnist) == 64  # at least
     assert default_batch_size(layers(10**6), mnist.double().to("meta")) == 512 * 2**20 // (10**6 * 8)  # accelerators
+    # Passes grow until their largest activation holds the model's largest weight, up to 4x the budget: a 12 MiB
+    # weight and 64 KiB a point (16,384 units) give 192 points instead of 128; a 64 MiB one and 256 KiB a point give
+    # 32 MiB passes (128 points; 256 compiled) instead of 64 points; small weights change nothing.
+    weight_12_mib, weight_64_mib = nn.Linear(2048, 1536, device="meta"), nn.Linear(4096, 4096, device="meta")
+    image = torch.zeros(1, 3, 32, 32)
+    assert default_batch_size(layers(2**14), image) == 128
+    assert default_batch_size(layers(2**14), image, model=weight_12_mib) == 192
+    assert default_batch_size(layers(2**16), image, model=weight_64_mib) == 128
+    assert default_batch_size(layers(2**16), image, compiled=True, model=weight_64_mib) == 256
+    assert default_batch_size(layers(256, 256, 10), mnist, model=nn.Linear(784, 256)) == 8 * 2**20 // (784 * 4)
