@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_spacefold import fold_measure, path_folding, path_patterns
+from lightning_spacefold import fold_measure, folding, path_folding, path_patterns
 from lightning_spacefold.capture import LayerInfo, capture_activations, evaluation_mode
 from lightning_spacefold.folding import default_batch_size, segment_points, walk_layout, walk_passes
 
@@ -387,3 +387,22 @@ def test_default_batch_size_by_hand() -> None:
     assert default_batch_size(layers(2**16), image, model=weight_64_mib) == 128
     assert default_batch_size(layers(2**16), image, compiled=True, model=weight_64_mib) == 256
     assert default_batch_size(layers(256, 256, 10), mnist, model=nn.Linear(784, 256)) == 8 * 2**20 // (784 * 4)
+
+
+def test_path_folding_sizes_its_passes_by_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    sized: list[nn.Module | None] = []
+    original = folding.default_batch_size
+
+    def recorded(
+        layers: list[LayerInfo], inputs: torch.Tensor, compiled: bool = False, model: nn.Module | None = None
+    ) -> int:
+        sized.append(model)
+        return original(layers, inputs, compiled, model)
+
+    monkeypatch.setattr(folding, "default_batch_size", recorded)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    starts, ends = torch.zeros(2, 2), torch.ones(2, 2)
+    path_folding(model, starts, ends, steps=4)
+    path_folding(model, starts, ends, exact=True)
+    path_folding(model, starts, ends, steps=4, batch_size=8)  # the caller's batch size stands
+    assert sized == [model, model]  # sampled and exact, each by the model's weights
